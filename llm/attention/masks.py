@@ -1,0 +1,59 @@
+"""Document boundaries for packed sequences, in the two forms attention backends want.
+
+Packing puts several documents into one training window. Tokens must not attend across a document boundary, so
+the model is given position ids that restart at 0 at every document start. From those we derive, once per forward:
+
+- `cu_seqlens`: cumulative document lengths over the flattened (B * T) tokens, for varlen kernels (flash-attn);
+- `doc_ids`: a document number per token, from which backends without varlen build a block-diagonal causal mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class DocumentMask:
+    doc_ids: torch.Tensor  # (B, T) int64, increasing within a row; attention only where doc_ids match
+    cu_seqlens: torch.Tensor  # (n_docs + 1,) int32 over the flattened B * T tokens
+    max_seqlen: int  # longest document, needed by varlen kernels
+
+    @classmethod
+    def from_position_ids(cls, position_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                          max_seqlen: int | None = None) -> DocumentMask:
+        """Derive the mask from position ids that restart at 0 per document (a row start is always a boundary).
+
+        A loader that already knows `cu_seqlens` and `max_seqlen` passes them to avoid a device sync here.
+        """
+        B, T = position_ids.shape
+        starts = position_ids == 0  # (B, T)
+        starts[:, 0] = True  # a row that begins mid-document still starts a new segment
+        doc_ids = torch.cumsum(starts.long(), dim=1)  # (B, T), 1-based within each row
+        if cu_seqlens is None:
+            start_idx = torch.nonzero(starts.reshape(-1), as_tuple=True)[0]  # flattened start offsets
+            end = torch.tensor([B * T], device=position_ids.device)
+            cu_seqlens = torch.cat([start_idx, end]).to(torch.int32)
+        if max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
+        return cls(doc_ids=doc_ids, cu_seqlens=cu_seqlens.to(torch.int32), max_seqlen=max_seqlen)
+
+    def dense(self, q_len: int, k_len: int, causal: bool = True) -> torch.Tensor:
+        """Block-diagonal (causal) boolean mask (B, 1, q_len, k_len); True where attention is allowed."""
+        if not q_len == k_len == self.doc_ids.shape[1]:
+            raise ValueError("document masks apply to whole sequences (no KV cache): "
+                             f"q_len={q_len}, k_len={k_len}, tokens={self.doc_ids.shape[1]}")
+        mask = self.doc_ids[:, :, None] == self.doc_ids[:, None, :]  # (B, T, T)
+        if causal:
+            mask = mask & causal_mask(q_len, k_len, self.doc_ids.device)
+        return mask[:, None]  # (B, 1, T, T)
+
+
+def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+    """Causal mask aligned to the bottom right: query i sits at key position k_len - q_len + i.
+
+    That is flash-attn's convention, and what incremental decoding with a KV cache needs (q_len < k_len).
+    """
+    offset = k_len - q_len
+    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=offset)  # (q_len, k_len)

@@ -1,0 +1,131 @@
+"""Llama-style decoder-only Transformer.
+
+Pre-norm blocks (RMSNorm), rotary position embeddings, grouped-query attention on a pluggable backend, SwiGLU
+feed-forward, no biases, optionally tied input/output embeddings.
+
+Initialisation (`init_weights`): embeddings and every linear layer N(0, init_std); the two projections that write
+into the residual stream (attention `wo`, feed-forward `w2`) N(0, init_std / sqrt(2 * n_layers)), as GPT-2 and
+Megatron do, so the residual stream's variance does not grow with depth; norm weights 1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from llm.attention import DocumentMask, get_attention
+from llm.config import ModelConfig
+
+from .layers import RMSNorm, SwiGLU, apply_rope, rope_angles
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        # One fused projection for q, k and v: rows [q (n_heads * hd) | k (n_kv * hd) | v (n_kv * hd)].
+        self.wqkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.attend = get_attention(cfg.attention)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                docs: DocumentMask | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        hd = self.head_dim
+        q, k, v = self.wqkv(x).split([self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1)
+        q = apply_rope(q.view(B, T, self.n_heads, hd), cos, sin)  # (B, T, n_heads, hd)
+        k = apply_rope(k.view(B, T, self.n_kv_heads, hd), cos, sin)  # (B, T, n_kv_heads, hd)
+        v = v.view(B, T, self.n_kv_heads, hd)
+        out = self.attend(q, k, v, causal=True, docs=docs)  # (B, T, n_heads, hd)
+        return self.wo(out.reshape(B, T, self.n_heads * hd))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.feed_forward = SwiGLU(cfg.d_model, cfg.ffn_hidden)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                docs: DocumentMask | None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, docs)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter as the module docstring says; also after `to_empty` from meta."""
+        std, out_std = self.cfg.init_std, self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
+        nn.init.normal_(self.tok_embeddings.weight, std=std)
+        for block in self.layers:
+            nn.init.normal_(block.attention.wqkv.weight, std=std)
+            nn.init.normal_(block.attention.wo.weight, std=out_std)
+            nn.init.normal_(block.feed_forward.w13.weight, std=std)
+            nn.init.normal_(block.feed_forward.w2.weight, std=out_std)
+            block.attention_norm.reset_parameters()
+            block.ffn_norm.reset_parameters()
+        self.norm.reset_parameters()
+        if not self.cfg.tie_embeddings:
+            nn.init.normal_(self.output.weight, std=std)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, vocab_size).
+
+        `position_ids` (B, T) that restart at 0 mark packed document boundaries: tokens then attend only within
+        their own document (`cu_seqlens`/`max_seqlen` may be passed along when the loader already has them).
+        """
+        B, T = input_ids.shape
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds model.max_seq_len = {self.cfg.max_seq_len}")
+        docs = None
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device)[None]  # (1, T)
+        else:
+            docs = DocumentMask.from_position_ids(position_ids, cu_seqlens, max_seqlen)
+        cos, sin = rope_angles(self.cfg.head_dim, self.cfg.rope_theta, position_ids)  # (B or 1, T, hd/2)
+        x = self.tok_embeddings(input_ids)  # (B, T, d_model)
+        for block in self.layers:
+            x = block(x, cos, sin, docs)
+        return self.output(self.norm(x))  # (B, T, vocab_size)
+
+    # ---- sizing ----------------------------------------------------------------------------------------------
+
+    def num_params(self) -> int:
+        """Distinct parameters (a tied embedding counts once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs (forward + backward) per token at context length `seq_len`.
+
+        6 FLOPs per matmul weight (2 forward, 4 backward), counting the output projection even when it is tied to
+        the embedding (the lookup itself is free), plus attention's two score matmuls (QK^T and PV): 2 * 2 * hd
+        FLOPs per head per attended key, times 3 for the backward. Under a causal mask a query attends to
+        (seq_len + 1) / 2 keys on average, so that is what we count; PaLM's and torchtitan's formula,
+        12 * n_layers * n_heads * head_dim * seq_len, counts the full square and reports an MFU that is higher by
+        that share.
+        """
+        matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        attended = (seq_len + 1) / 2
+        attention = 12 * self.cfg.n_layers * self.cfg.n_heads * self.cfg.head_dim * attended
+        return 6 * matmul + attention
+
+    def largest_layer_params(self) -> int:
+        """Parameters of the largest single module (what ZeRO-3 gathers at once in the worst case)."""
+        return max(sum(p.numel() for p in m.parameters(recurse=False)) for m in self.modules())

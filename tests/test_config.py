@@ -1,0 +1,91 @@
+import pytest
+import yaml
+
+from llm.config import ConfigError, ModelConfig, RunConfig, load_config, load_model_config, save_config
+
+
+def write(tmp_path, data, name="run.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_run_config_with_preset_and_overrides(tmp_path):
+    path = write(tmp_path, {"model": "tiny", "data": {"seq_len": 256}, "train": {"steps": 5}, "optim": {"lr": "3e-4"}})
+    cfg = load_config(path, ["train.micro_batch_size=2", "model.n_layers=3", "optim.betas=[0.9, 0.99]"])
+    assert isinstance(cfg, RunConfig)
+    assert cfg.model.d_model == 128 and cfg.model.n_layers == 3
+    assert cfg.train.steps == 5 and cfg.train.micro_batch_size == 2
+    assert cfg.optim.lr == pytest.approx(3e-4) and cfg.optim.betas == [0.9, 0.99]
+
+
+def test_model_preset_file_reads_as_run_config():
+    cfg = load_config("configs/model/7b.yaml")
+    assert cfg.model.n_layers == 32 and cfg.model.d_ff == 11008
+
+
+@pytest.mark.parametrize(
+    "model, key, fragment",
+    [
+        ({"d_model": 64, "n_heads": 7}, "model.n_heads", "must divide model.d_model = 64"),
+        ({"d_model": 64, "n_heads": 8, "n_kv_heads": 3}, "model.n_kv_heads", "divisor of model.n_heads = 8"),
+        ({"d_model": 64, "n_heads": 4, "n_layer": 2}, "model.n_layer", "did you mean 'n_layers'"),
+        ({"d_model": "big"}, "model.d_model", "expected an integer"),
+        ({"d_model": 64.0}, "model.d_model", "expected an integer"),
+        ({"tie_embeddings": "yes"}, "model.tie_embeddings", "expected true or false"),
+        ({"attention": "flashy"}, "model.attention", "one of 'auto', 'flash', 'sdpa', 'eager'"),
+        ({"vocab_size": 0}, "model.vocab_size", "must be positive"),
+    ],
+)
+def test_bad_model_values_name_key_value_and_file(tmp_path, model, key, fragment):
+    path = write(tmp_path, {"model": model})
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert str(path) in msg and key in msg and fragment in msg
+
+
+def test_bad_value_in_other_sections(tmp_path):
+    path = write(tmp_path, {"model": "tiny", "data": {"seq_len": 128}, "train": {"steps": -1}})
+    with pytest.raises(ConfigError, match=r"train\.steps = -1: must be positive"):
+        load_config(path)
+    path = write(tmp_path, {"model": "tiny", "data": {"seq_len": 4096}})
+    with pytest.raises(ConfigError, match=r"data\.seq_len = 4096: exceeds model\.max_seq_len = 512"):
+        load_config(path)
+    path = write(tmp_path, {"model": "tiny", "data": {"seq_len": 128, "datasets": [{"path": "x", "weight": 0}]}})
+    with pytest.raises(ConfigError, match=r"data\.datasets\[0\]\.weight = 0"):
+        load_config(path)
+    path = write(tmp_path, {"model": "tiny", "schedule": {"x": 1}})
+    with pytest.raises(ConfigError, match="unknown key 'schedule'"):
+        load_config(path)
+
+
+def test_bad_override_is_named(tmp_path):
+    path = write(tmp_path, {"model": "tiny", "data": {"seq_len": 128}})
+    with pytest.raises(ConfigError, match=r"model\.n_kv_heads = 3"):
+        load_config(path, ["model.n_kv_heads=3"])
+    with pytest.raises(ConfigError, match="unknown key 'train.stepz'"):
+        load_config(path, ["train.stepz=3"])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(path, ["train.steps"])
+
+
+def test_missing_file_and_preset(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="model preset 'nope' not found.*tiny"):
+        load_config(write(tmp_path, {"model": "nope"}))
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(write(tmp_path, {"model": "tiny", "data": {"seq_len": 128}, "train": {"steps": 7}}))
+    save_config(cfg, tmp_path / "resolved.yaml")
+    again = load_config(tmp_path / "resolved.yaml")
+    assert again == cfg
+
+
+def test_model_config_derived_sizes():
+    cfg = ModelConfig(d_model=4096, n_heads=32, n_kv_heads=None, d_ff=None)
+    assert cfg.kv_heads == 32 and cfg.head_dim == 128
+    assert cfg.ffn_hidden == 11008  # Llama's rule: 8/3 * 4096 rounded up to a multiple of 256
+    assert load_model_config("tiny", ["n_layers=1"]).n_layers == 1
