@@ -373,11 +373,14 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     so `llm info configs/model/7b.yaml` and `llm info configs/train/tiny.yaml` both work.
     """
     path = Path(path)
+    if not path.is_file() and path.suffix not in (".yaml", ".yml"):
+        path = resolve_preset(str(path))  # a bare preset name, e.g. `7b`
     data = _read_yaml(path)
     source = str(path)
     sections = {f.name for f in dataclasses.fields(RunConfig)}
     if data and not (set(data) & sections):
-        data = {"model": data}
+        # A model preset: train windows default to the model's full context.
+        data = {"model": data, "data": {"seq_len": data.get("max_seq_len", ModelConfig.max_seq_len)}}
     if isinstance(data.get("model"), str):
         preset = resolve_preset(data["model"], relative_to=path)
         data["model"] = _read_yaml(preset)

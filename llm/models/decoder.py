@@ -115,16 +115,18 @@ class Decoder(nn.Module):
         """Training FLOPs (forward + backward) per token at context length `seq_len`.
 
         6 FLOPs per matmul weight (2 forward, 4 backward), counting the output projection even when it is tied to
-        the embedding (the lookup itself is free), plus attention's two score matmuls (QK^T and PV): 2 * 2 * hd
-        FLOPs per head per attended key, times 3 for the backward. Under a causal mask a query attends to
-        (seq_len + 1) / 2 keys on average, so that is what we count; PaLM's and torchtitan's formula,
-        12 * n_layers * n_heads * head_dim * seq_len, counts the full square and reports an MFU that is higher by
-        that share.
+        the embedding (the lookup itself is free), plus `attention_flops_per_token`.
         """
         matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
-        attended = (seq_len + 1) / 2
-        attention = 12 * self.cfg.n_layers * self.cfg.n_heads * self.cfg.head_dim * attended
-        return 6 * matmul + attention
+        return 6 * matmul + self.attention_flops_per_token(seq_len)
+
+    def attention_flops_per_token(self, seq_len: int) -> float:
+        """Attention's two score matmuls (QK^T and PV): 2 * 2 * head_dim FLOPs per head per attended key, times 3
+        with the backward. Under a causal mask a query attends to (seq_len + 1) / 2 keys on average, so that is
+        what we count; PaLM's and torchtitan's 12 * n_layers * n_heads * head_dim * seq_len counts the full
+        square, and reports an MFU higher by that share.
+        """
+        return 12 * self.cfg.n_layers * self.cfg.n_heads * self.cfg.head_dim * (seq_len + 1) / 2
 
     def largest_layer_params(self) -> int:
         """Parameters of the largest single module (what ZeRO-3 gathers at once in the worst case)."""

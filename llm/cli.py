@@ -1,0 +1,86 @@
+"""`llm <subcommand>`: argument parsing only; each subcommand calls plain functions of the package."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from llm.config import ConfigError, load_config
+
+GB = 1e9
+
+
+def _info(args: argparse.Namespace) -> int:
+    from llm.engine.memory import model_state_memory
+    from llm.models import build_model
+
+    cfg = load_config(args.config, args.overrides)
+    m = cfg.model
+    seq_len = args.seq_len or cfg.data.seq_len
+    model = build_model(m, device="meta")  # nothing is allocated
+    params = model.num_params()
+    embedding = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
+    flops = model.flops_per_token(seq_len)
+    attention_flops = model.attention_flops_per_token(seq_len)
+    stages = model_state_memory(params, model.largest_layer_params(), args.gpus, args.precision)
+    if args.json:
+        print(json.dumps({
+            "parameters": params, "embedding_parameters": embedding, "seq_len": seq_len,
+            "flops_per_token": flops, "gpus": args.gpus, "precision": args.precision,
+            "model_states_bytes_per_gpu": {s.name: {"gpu": s.gpu_bytes, "cpu": s.cpu_bytes} for s in stages},
+        }, indent=2))
+        return 0
+    print(f"config        {args.config}")
+    print(f"parameters    {params:,} ({params / 1e9:.2f}B), of which embeddings {embedding:,}")
+    print(f"shape         {m.n_layers} layers, d_model {m.d_model}, {m.n_heads} heads ({m.kv_heads} kv), "
+          f"head_dim {m.head_dim}, ffn {m.ffn_hidden}, vocab {m.vocab_size}, "
+          f"{'tied' if m.tie_embeddings else 'untied'} embeddings")
+    print(f"FLOPs/token   {flops:.3e} for training (forward + backward) at seq_len {seq_len}, "
+          f"attention {100 * attention_flops / flops:.1f}% of it (causal)")
+    print(f"\nModel states per GPU with {args.gpus} GPU{'s' if args.gpus > 1 else ''}, {args.precision} "
+          f"{'mixed precision ' if args.precision == 'bf16' else ''}AdamW "
+          "(weights + gradients + optimizer; activations not included):")
+    for s in stages:
+        line = f"  {s.name:<22}{s.gpu_bytes / GB:10.2f} GB"
+        if s.name == "ZeRO-3":
+            line += f"   (incl. {4 * model.largest_layer_params() / GB:.2f} GB for the largest layer gathered)"
+        if s.cpu_bytes:
+            line += f"   + {s.cpu_bytes / GB:.2f} GB host memory per GPU"
+        print(line)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llm", description="Train Llama-style language models with Accelerate + DeepSpeed ZeRO.",
+        epilog="Run `llm <subcommand> --help` for a subcommand's options.")
+    sub = parser.add_subparsers(dest="command", metavar="<subcommand>", required=True)
+
+    info = sub.add_parser(
+        "info", help="parameters, FLOPs per token and per-GPU memory of a model or run config",
+        description="Size a job before launching it: parameter count, training FLOPs per token at the configured "
+                    "sequence length, and the memory per GPU that weights, gradients and AdamW state need under "
+                    "ZeRO-0/1/2/3 (see llm/engine/memory.py for what is counted).")
+    info.add_argument("config", help="a model preset (configs/model/7b.yaml, or just 7b) or a run config")
+    info.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. model.n_layers=8")
+    info.add_argument("--gpus", type=int, default=1, help="data-parallel GPUs the states are sharded over")
+    info.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs (default: "
+                      "data.seq_len of a run config; model.max_seq_len of a model preset)")
+    info.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    info.add_argument("--json", action="store_true", help="print the figures as JSON")
+    info.set_defaults(func=_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"llm {args.command}: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The training engine: Accelerate + DeepSpeed setup, optimizer and schedule, metrics, the loop."""
