@@ -51,6 +51,13 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from llm.engine.trainer import main as train_main
+
+    cfg = load_config(args.config, args.overrides)
+    return train_main(cfg, args.config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llm", description="Train Llama-style language models with Accelerate + DeepSpeed ZeRO.",
@@ -70,6 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     info.add_argument("--json", action="store_true", help="print the figures as JSON")
     info.set_defaults(func=_info)
+
+    train = sub.add_parser(
+        "train", help="train a model (one process, or under `accelerate launch` on any number of GPUs/nodes)",
+        description="Train with Accelerate + DeepSpeed ZeRO. Run it directly for one process, or as "
+                    "`accelerate launch --config_file configs/accelerate/<launch>.yaml -m llm.cli train CONFIG` for "
+                    "several. A run whose train.output_dir holds a checkpoint resumes from it. Exit codes: 0 done, "
+                    "2 config error, 3 non-finite loss, 75 stopped by SIGTERM/SIGUSR1 after saving a checkpoint "
+                    "(requeue it to resume).",
+        epilog="example: llm train configs/train/tiny_cpu.yaml train.steps=50 train.output_dir=runs/try")
+    train.add_argument("config", help="a run config, e.g. configs/train/tiny_cpu.yaml")
+    train.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=100")
+    train.set_defaults(func=_train)
     return parser
 
 

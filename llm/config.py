@@ -162,6 +162,7 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload: bool = False  # ZeRO-3 optimizer and parameter offload to CPU
+    deepspeed_config: str | None = None  # a custom sharding JSON; default configs/deepspeed/zero<stage>[_offload]
     seed: int = 1234
     activation_checkpointing: bool = False
     compile: bool = False

@@ -1,0 +1,137 @@
+"""Training metrics: a progress bar with ETA, metrics.jsonl, TensorBoard, MFU, memory, a loss-curve PNG.
+
+All of it happens on rank 0; other ranks only take part in the reductions that produce the numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+from llm.engine.distributed import is_main
+
+# Dense bf16 peak TFLOPs per device, from the vendors' data sheets (no sparsity).
+PEAK_BF16_TFLOPS = {
+    "H200": 989.4,
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H100": 989.4,  # SXM
+    "A100": 312.0,
+}
+
+
+def device_peak_tflops(precision: str, override: float | None) -> float | None:
+    """Peak TFLOPs of one device for MFU: the config's override, else the table for known GPUs in bf16, else None."""
+    if override is not None:
+        return override
+    if precision != "bf16" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, peak in PEAK_BF16_TFLOPS.items():  # most specific names first
+        if key in name:
+            return peak
+    return None
+
+
+def memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 1e9
+    return psutil.Process().memory_info().rss / 1e9
+
+
+class Metrics:
+    def __init__(self, output_dir: str | Path, total_steps: int, start_step: int, flops_per_token: float,
+                 peak_tflops: float | None, world_size: int):
+        self.main = is_main()
+        self.flops_per_token = flops_per_token
+        self.peak_total = peak_tflops * 1e12 * world_size if peak_tflops else None
+        self.memory_name = "cuda_max_alloc_gb" if torch.cuda.is_available() else "rss_gb"
+        self.history: list[dict] = []
+        self.last_time, self.last_tokens = time.perf_counter(), 0
+        if not self.main:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.out = out
+        self.jsonl = open(out / "metrics.jsonl", "a")
+        self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_step)
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+
+    def reset_clock(self, tokens: int) -> None:
+        self.last_time, self.last_tokens = time.perf_counter(), tokens
+
+    def log(self, step: int, tokens: int, values: dict) -> dict:
+        """Log train metrics at `step`, with throughput since the previous call. `tokens` is the global total."""
+        now = time.perf_counter()
+        tokens_per_s = (tokens - self.last_tokens) / max(now - self.last_time, 1e-9)
+        self.last_time, self.last_tokens = now, tokens
+        record = {"step": step, **values, "tokens": tokens, "tokens_per_s": tokens_per_s,
+                  self.memory_name: memory_gb()}
+        if self.peak_total:
+            record["mfu"] = self.flops_per_token * tokens_per_s / self.peak_total
+        self._write(record, "train")
+        if self.main:
+            self.bar.set_postfix({k: _short(record[k]) for k in ("loss", "lr", "tokens_per_s", "mfu") if k in record})
+        return record
+
+    def log_eval(self, step: int, values: dict) -> None:
+        self._write({"step": step, **values}, "val")
+        if self.main:
+            self.bar.write(f"step {step}: " + ", ".join(f"{k} {_short(v)}" for k, v in values.items()))
+
+    def advance(self, steps: int = 1) -> None:
+        if self.main:
+            self.bar.update(steps)
+
+    def _write(self, record: dict, split: str) -> None:
+        self.history.append({"split": split, **record})
+        if not self.main:
+            return
+        self.jsonl.write(json.dumps({"split": split, **record}) + "\n")
+        self.jsonl.flush()
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.tb.add_scalar(f"{split}/{key}", value, record["step"])
+
+    def close(self) -> None:
+        if not self.main:
+            return
+        self.bar.close()
+        self.tb.close()
+        self.jsonl.close()
+        plot_loss_curve(self.out / "metrics.jsonl", self.out / "loss.png")
+
+
+def plot_loss_curve(jsonl: Path, png: Path) -> None:
+    """Train and validation loss against step, from every record in metrics.jsonl (resumed runs included)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for split, style in (("train", "-"), ("val", "o-")):
+        points = sorted({r["step"]: r["loss"] for r in records if r.get("split") == split and "loss" in r}.items())
+        if points:
+            ax.plot(*zip(*points), style, label=f"{split} loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def _short(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.3e}"
+    return str(value)

@@ -1,0 +1,194 @@
+"""The training loop: `llm train CONFIG` under `accelerate launch` (any number of processes and machines) or alone.
+
+One optimizer step = `grad_accum` micro-batches per process. DeepSpeed reduces gradients at the accumulation
+boundary; before the optimizer step, one small all-gather tells every rank each rank's loss and whether a stop
+signal arrived, so that a non-finite loss anywhere stops the run before the weights change, and every rank saves
+the same step when one of them is signalled.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from llm.checkpoint import Checkpointer
+from llm.config import RunConfig, save_config
+from llm.engine.distributed import make_accelerator, print0
+from llm.engine.metrics import Metrics, device_peak_tflops
+from llm.engine.optim import build_optimizer, lr_factor, set_lr
+from llm.engine.signals import PREEMPTED_EXIT_CODE, StopFlag
+from llm.models import build_model
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def apply_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each block's activations in the backward instead of storing them. Parameter names are kept
+    (no wrapper module), so checkpoints and exports do not depend on this setting."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.layers:
+        forward = block.forward
+        block.forward = lambda *args, _forward=forward, **kw: checkpoint(_forward, *args, use_reentrant=False, **kw)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32. logits (B, T, V), labels (B, T)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+
+
+def forward_loss(engine, batch: dict, device: torch.device) -> torch.Tensor:
+    inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "position_ids", "cu_seqlens")
+              if k in batch}
+    logits = engine(**inputs, max_seqlen=batch.get("max_seqlen"))
+    return lm_loss(logits, batch["labels"].to(device, non_blocking=True))
+
+
+@torch.no_grad()
+def evaluate(engine, val_loader, batches: int, accelerator) -> dict:
+    """Mean validation loss and perplexity over `batches` batches per rank (the same batches every time)."""
+    engine.eval()
+    total, count = torch.zeros((), device=accelerator.device), 0
+    for i, batch in enumerate(val_loader):
+        if i == batches:
+            break
+        total += forward_loss(engine, batch, accelerator.device).float()
+        count += 1
+    engine.train()
+    loss = accelerator.reduce(total / max(count, 1), reduction="mean").item()
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
+
+
+def _grad_norm(engine) -> float | None:
+    """Global gradient norm of this step. DeepSpeed reports it, except for ZeRO-0 in fp32 where it clips
+    without keeping the norm: then the (already all-reduced) gradients are measured before the step."""
+    if engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled():
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads).item() if grads else None
+    return None
+
+
+def train(cfg: RunConfig, config_path: str = "") -> int:
+    from llm.data.loader import build_train_loader, build_val_loader
+
+    accelerator, precision = make_accelerator(cfg.train, cfg.optim.grad_clip)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    out = cfg.train.output_dir
+    print0(f"llm train: {world} process(es), ZeRO-{cfg.train.zero_stage}, {precision}, "
+           f"device {accelerator.device}, output {out}")
+    seed_everything(cfg.train.seed)
+
+    model = build_model(cfg.model)
+    flops_per_token = model.flops_per_token(cfg.data.seq_len)
+    n_params = model.num_params()
+    if cfg.train.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if cfg.train.compile:
+        for block in model.layers:
+            block.compile()
+    optimizer = build_optimizer(model, cfg.optim, offload=cfg.train.offload)
+    engine, optimizer = accelerator.prepare(model, optimizer)
+
+    train_loader = build_train_loader(cfg.data, cfg.train.micro_batch_size, rank, world,
+                                      vocab_size=cfg.model.vocab_size)
+    val_loader = build_val_loader(cfg.data, cfg.train.micro_batch_size, rank, world,
+                                  vocab_size=cfg.model.vocab_size) if cfg.train.eval_every else None
+
+    checkpointer = Checkpointer(out, accelerator, cfg.train.keep_last)
+    checkpointer.remove_unfinished()
+    step, tokens = 0, 0
+    resume = checkpointer.latest()
+    if resume is not None:
+        state = checkpointer.load(resume, engine, cfg)
+        step, tokens = state["step"], state["tokens"]
+        train_loader.load_state_dict(state["loader"])
+        print0(f"resumed from {resume} at step {step} (saved with {state['world_size']} process(es))")
+    if accelerator.is_main_process:
+        os.makedirs(out, exist_ok=True)
+        save_config(cfg, os.path.join(out, "config.yaml"))
+    print0(f"model: {n_params:,} parameters, {flops_per_token:.3e} training FLOPs/token at seq_len "
+           f"{cfg.data.seq_len}")
+
+    tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * world * cfg.data.seq_len
+    metrics = Metrics(out, cfg.train.steps, step, flops_per_token,
+                      device_peak_tflops(precision, cfg.train.peak_tflops), world)
+    metrics.reset_clock(tokens)
+    stop = StopFlag().install()
+    batches = iter(train_loader)
+
+    def trainer_state() -> dict:
+        return {"tokens": tokens, "loader": train_loader.state_dict(), "world_size": world,
+                "config_path": config_path}
+
+    def save(at_step: int) -> None:
+        path = checkpointer.save(at_step, engine, trainer_state(), cfg)
+        print0(f"saved checkpoint {path}")
+
+    try:
+        while step < cfg.train.steps:
+            lr = cfg.optim.lr * lr_factor(step, cfg.train.steps, cfg.optim)
+            set_lr(optimizer, lr)
+            loss_sum = torch.zeros((), device=accelerator.device)
+            for micro in range(cfg.train.grad_accum):
+                loss = forward_loss(engine, next(batches), accelerator.device)
+                engine.backward(loss)
+                if micro < cfg.train.grad_accum - 1:
+                    engine.step()  # not a boundary: DeepSpeed only counts the micro-step
+                loss_sum += loss.detach()
+            # One collective per step: every rank's mean loss and stop flag.
+            local = torch.stack([loss_sum / cfg.train.grad_accum,
+                                 torch.tensor(float(stop.set), device=accelerator.device)])
+            gathered = accelerator.gather(local[None]).view(world, 2)  # (world, [loss, stop])
+            bad = [r for r in range(world) if not math.isfinite(gathered[r, 0].item())]
+            if bad:
+                raise NonFiniteLoss(f"step {step + 1}: non-finite loss on rank(s) {bad} "
+                                    f"(losses {gathered[:, 0].tolist()}); stopped before the optimizer step")
+            norm = _grad_norm(engine)
+            engine.step()  # the boundary: clip, optimizer step
+            step += 1
+            tokens += tokens_per_step
+            metrics.advance()
+
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                if norm is None:
+                    ds_norm = engine.get_global_grad_norm()
+                    norm = float(ds_norm) if ds_norm is not None else float("nan")
+                metrics.log(step, tokens, {"loss": gathered[:, 0].mean().item(), "grad_norm": norm, "lr": lr})
+            if val_loader is not None and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
+                metrics.log_eval(step, evaluate(engine, val_loader, cfg.train.eval_batches, accelerator))
+                metrics.reset_clock(tokens)  # keep evaluation time out of tokens/s
+            signalled = gathered[:, 1].sum().item() > 0
+            if signalled or (cfg.train.save_every and step % cfg.train.save_every == 0) or step == cfg.train.steps:
+                save(step)
+                metrics.reset_clock(tokens)
+            if signalled:
+                print0(f"stop signal received: checkpoint saved at step {step}; exiting with code "
+                       f"{PREEMPTED_EXIT_CODE} so that the job can be requeued")
+                return PREEMPTED_EXIT_CODE
+    finally:
+        stop.restore()
+        metrics.close()
+    print0(f"done: {step} steps; checkpoint {checkpointer.latest()}")
+    return 0
+
+
+def main(cfg: RunConfig, config_path: str) -> int:
+    try:
+        return train(cfg, config_path)
+    except NonFiniteLoss as e:
+        print(f"llm train: {e}", file=sys.stderr, flush=True)
+        return 3

@@ -1,0 +1,54 @@
+"""Checkpoint pieces that need no training run: RNG state, discovery, frozen settings. The save/resume/kill
+behaviour is tested end to end with real processes in tests/engine/test_trainer.py."""
+
+import random
+
+import numpy as np
+import torch
+
+from llm.checkpoint.checkpointer import Checkpointer, frozen_differences, rng_state, set_rng_state
+from llm.config import RunConfig, load_model_config, to_dict
+
+
+def test_rng_state_round_trips_through_weights_only_load(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+class _OneProcess:
+    process_index, num_processes = 0, 1
+
+    def wait_for_everyone(self):
+        pass
+
+
+def test_discovery_ignores_unfinished_and_follows_latest(tmp_path):
+    ck = Checkpointer(tmp_path, _OneProcess(), keep_last=2)
+    assert ck.latest() is None
+    for step in (5, 10):
+        (ck.dir / f"step-{step:08d}").mkdir(parents=True)
+        (ck.dir / f"step-{step:08d}" / "trainer_state.json").write_text("{}")
+    (ck.dir / "step-00000015").mkdir()  # no trainer state: incomplete
+    (ck.dir / ".tmp-step-00000020").mkdir()
+    assert ck.latest().name == "step-00000010"  # no pointer: the newest complete one
+    (ck.dir / "latest").write_text("step-00000005")
+    assert ck.latest().name == "step-00000005"
+    (ck.dir / "latest").write_text("step-00000015")  # points at an incomplete folder: fall back
+    assert ck.latest().name == "step-00000010"
+    ck.remove_unfinished()
+    assert not (ck.dir / ".tmp-step-00000020").exists()
+
+
+def test_frozen_differences_name_the_keys():
+    cfg = RunConfig(model=load_model_config("tiny"))
+    saved = to_dict(cfg)
+    assert frozen_differences(saved, cfg) == []
+    cfg.model.n_layers = 8
+    cfg.data.seed = 7
+    cfg.model.attention = "eager"  # allowed: same weights
+    cfg.train.steps = 99  # allowed: a run may be extended
+    diffs = frozen_differences(saved, cfg)
+    assert diffs == ["model.n_layers: checkpoint has 4, config has 8", "data.seed: checkpoint has 1234, config has 7"]
