@@ -121,7 +121,7 @@ def plot_loss_curve(jsonl: Path, png: Path) -> None:
     for split, style in (("train", "-"), ("val", "o-")):
         points = sorted({r["step"]: r["loss"] for r in records if r.get("split") == split and "loss" in r}.items())
         if points:
-            ax.plot(*zip(*points), style, label=f"{split} loss")
+            ax.plot(*zip(*points, strict=True), style, label=f"{split} loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)

@@ -21,12 +21,12 @@ def test_schedules(schedule):
     cfg = OptimConfig(warmup_steps=10, schedule=schedule, min_lr_ratio=0.1, decay_fraction=0.2)
     f = [lr_factor(s, 100, cfg) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)  # linear warmup to the peak
-    assert all(a < b for a, b in zip(f[:9], f[1:10]))
+    assert all(a < b for a, b in zip(f[:9], f[1:10], strict=True))
     if schedule == "constant":
         assert all(x == 1.0 for x in f[10:])
     else:
         assert f[-1] == pytest.approx(0.1)  # ends at min_lr_ratio
-        assert all(a >= b for a, b in zip(f[10:], f[11:]))  # never increases after warmup
+        assert all(a >= b for a, b in zip(f[10:-1], f[11:], strict=True))  # never increases after warmup
     if schedule == "wsd":
         assert all(x == 1.0 for x in f[10:80]) and f[80] < 1.0  # stable, then the last 20% decays
     if schedule == "cosine":
