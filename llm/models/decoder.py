@@ -18,7 +18,7 @@ import torch.nn as nn
 from llm.attention import DocumentMask, get_attention
 from llm.config import ModelConfig
 
-from .layers import RMSNorm, SwiGLU, apply_rope, rope_angles
+from .layers import RMSNorm, SwiGLU, apply_rope, rope_rotations
 
 
 class Attention(nn.Module):
@@ -30,13 +30,12 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
         self.attend = get_attention(cfg.attention)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                docs: DocumentMask | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, docs: DocumentMask | None) -> torch.Tensor:
         B, T, _ = x.shape
         hd = self.head_dim
         q, k, v = self.wqkv(x).split([self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1)
-        q = apply_rope(q.view(B, T, self.n_heads, hd), cos, sin)  # (B, T, n_heads, hd)
-        k = apply_rope(k.view(B, T, self.n_kv_heads, hd), cos, sin)  # (B, T, n_kv_heads, hd)
+        q = apply_rope(q.view(B, T, self.n_heads, hd), rope)  # (B, T, n_heads, hd)
+        k = apply_rope(k.view(B, T, self.n_kv_heads, hd), rope)  # (B, T, n_kv_heads, hd)
         v = v.view(B, T, self.n_kv_heads, hd)
         out = self.attend(q, k, v, causal=True, docs=docs)  # (B, T, n_heads, hd)
         return self.wo(out.reshape(B, T, self.n_heads * hd))
@@ -50,9 +49,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.feed_forward = SwiGLU(cfg.d_model, cfg.ffn_hidden)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                docs: DocumentMask | None) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, docs)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, docs: DocumentMask | None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), rope, docs)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -99,10 +97,10 @@ class Decoder(nn.Module):
             position_ids = torch.arange(T, device=input_ids.device)[None]  # (1, T)
         else:
             docs = DocumentMask.from_position_ids(position_ids, cu_seqlens, max_seqlen)
-        cos, sin = rope_angles(self.cfg.head_dim, self.cfg.rope_theta, position_ids)  # (B or 1, T, hd/2)
+        rope = rope_rotations(self.cfg.head_dim, self.cfg.rope_theta, position_ids)  # (B or 1, T, hd/2) complex
         x = self.tok_embeddings(input_ids)  # (B, T, d_model)
         for block in self.layers:
-            x = block(x, cos, sin, docs)
+            x = block(x, rope, docs)
         return self.output(self.norm(x))  # (B, T, vocab_size)
 
     # ---- sizing ----------------------------------------------------------------------------------------------

@@ -23,31 +23,30 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
-def rope_angles(head_dim: int, theta: float, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotary angles for integer `positions` (..., T) -> two (..., T, head_dim // 2) fp32.
+def rope_rotations(head_dim: int, theta: float, positions: torch.Tensor) -> torch.Tensor:
+    """Unit complex numbers e^(i * position * freq) for integer `positions` (..., T) -> (..., T, head_dim // 2).
 
     Computed per forward from the positions rather than cached in a buffer: it is a few microseconds, it works on
     the meta device and under ZeRO-3 without special cases, and it handles position ids that restart per document.
-    The frequency expression matches `transformers` bit for bit, so exported models give identical logits.
+    The frequencies and the fp32 cos/sin match `transformers` bit for bit, so exported models give equal logits.
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float()
                                 / head_dim))  # (head_dim // 2,)
     angles = positions.float()[..., None] * inv_freq  # (..., T, head_dim // 2)
-    return angles.cos(), angles.sin()
+    return torch.complex(angles.cos(), angles.sin())
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, T, H, D) by the angles (B or 1, T, D // 2), pairing dims (0, 1), (2, 3), ...
+def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, T, H, D) by `rotations` (B or 1, T, D // 2), pairing dims (0, 1), (2, 3), ... as complex numbers.
 
     This interleaved layout is Meta's original Llama convention. `transformers` pairs dim i with i + D/2 instead;
-    the export adapter permutes the q and k projection rows between the two.
+    the export adapter permutes the q and k projection rows between the two. One complex multiply is also several
+    times faster than rotating the even and odd halves as strided real tensors.
     """
     B, T, H, D = x.shape
-    pairs = x.float().reshape(B, T, H, D // 2, 2)  # (B, T, H, D/2, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]  # (B, T, H, D/2)
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (B, T, 1, D/2)
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # (B, T, H, D/2, 2)
-    return out.reshape(B, T, H, D).to(x.dtype)
+    pairs = torch.view_as_complex(x.float().reshape(B, T, H, D // 2, 2))  # (B, T, H, D/2) complex
+    rotated = pairs * rotations[:, :, None, :]  # (B, T, H, D/2)
+    return torch.view_as_real(rotated).reshape(B, T, H, D).to(x.dtype)
 
 
 class SwiGLU(nn.Module):
