@@ -152,7 +152,7 @@ class Checkpointer:
         if self.rank == 0:
             (tmp / "trainer_state.json").write_text(json.dumps(trainer_state | {"step": step}, indent=2))
             save_config(cfg, tmp / "config.yaml")
-            _fault_point("before_rename")
+            _fault_point(f"before_rename:{name}")
             _fsync_tree(tmp)
             if final.exists():  # re-saving a step (e.g. a signal right after a periodic save)
                 shutil.rmtree(final)
@@ -186,6 +186,7 @@ class Checkpointer:
 
 
 def _fault_point(name: str) -> None:
-    """Fault injection for the crash-safety tests: LLM_FAULT=<name> kills this process with SIGKILL here."""
+    """Fault injection for the crash-safety tests: LLM_FAULT=<name> kills this process with SIGKILL here
+    (e.g. LLM_FAULT=before_rename:step-00000004: all shards of that checkpoint written, not yet renamed)."""
     if os.environ.get("LLM_FAULT") == name:
         os.kill(os.getpid(), signal.SIGKILL)

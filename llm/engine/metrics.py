@@ -6,6 +6,7 @@ All of it happens on rank 0; other ranks only take part in the reductions that p
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -62,7 +63,11 @@ class Metrics:
         self.out = out
         self.jsonl = open(out / "metrics.jsonl", "a")
         self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_step)
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        # A bar for terminals; in a log file (Slurm, CI) one plain line per logged step instead of redraws.
+        self.interactive = sys.stderr.isatty()
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                        disable=not self.interactive)
+        self.total_steps = total_steps
 
     def reset_clock(self, tokens: int) -> None:
         self.last_time, self.last_tokens = time.perf_counter(), tokens
@@ -78,13 +83,19 @@ class Metrics:
             record["mfu"] = self.flops_per_token * tokens_per_s / self.peak_total
         self._write(record, "train")
         if self.main:
-            self.bar.set_postfix({k: _short(record[k]) for k in ("loss", "lr", "tokens_per_s", "mfu") if k in record})
+            shown = {k: _short(record[k]) for k in ("loss", "grad_norm", "lr", "tokens_per_s", "mfu") if k in record}
+            if self.interactive:
+                self.bar.set_postfix(shown)
+            else:
+                print(f"step {step}/{self.total_steps} " + " ".join(f"{k} {v}" for k, v in shown.items()),
+                      flush=True)
         return record
 
     def log_eval(self, step: int, values: dict) -> None:
         self._write({"step": step, **values}, "val")
         if self.main:
-            self.bar.write(f"step {step}: " + ", ".join(f"{k} {_short(v)}" for k, v in values.items()))
+            line = f"step {step}: validation " + ", ".join(f"{k} {_short(v)}" for k, v in values.items())
+            self.bar.write(line) if self.interactive else print(line, flush=True)
 
     def advance(self, steps: int = 1) -> None:
         if self.main:
@@ -101,7 +112,7 @@ class Metrics:
                 self.tb.add_scalar(f"{split}/{key}", value, record["step"])
 
     def close(self) -> None:
-        if not self.main:
+        if not self.main or self.jsonl.closed:
             return
         self.bar.close()
         self.tb.close()

@@ -22,7 +22,7 @@ from llm.config import RunConfig, save_config
 from llm.engine.distributed import make_accelerator, print0
 from llm.engine.metrics import Metrics, device_peak_tflops
 from llm.engine.optim import build_optimizer, lr_factor, set_lr
-from llm.engine.signals import PREEMPTED_EXIT_CODE, StopFlag
+from llm.engine.signals import PREEMPTED_EXIT_CODE, StopFlag, clear_preempted_marker, write_preempted_marker
 from llm.models import build_model
 
 
@@ -110,6 +110,8 @@ def train(cfg: RunConfig, config_path: str = "") -> int:
 
     checkpointer = Checkpointer(out, accelerator, cfg.train.keep_last)
     checkpointer.remove_unfinished()
+    if accelerator.is_main_process:
+        clear_preempted_marker(out)
     step, tokens = 0, 0
     resume = checkpointer.latest()
     if resume is not None:
@@ -176,8 +178,12 @@ def train(cfg: RunConfig, config_path: str = "") -> int:
                 save(step)
                 metrics.reset_clock(tokens)
             if signalled:
+                if accelerator.is_main_process:
+                    write_preempted_marker(out, step)
                 print0(f"stop signal received: checkpoint saved at step {step}; exiting with code "
                        f"{PREEMPTED_EXIT_CODE} so that the job can be requeued")
+                metrics.close()
+                accelerator.wait_for_everyone()  # exit together: a launcher stops the others at the first exit
                 return PREEMPTED_EXIT_CODE
     finally:
         stop.restore()

@@ -1,0 +1,171 @@
+"""`llm train` end to end on real processes: ZeRO 0-3 over gloo, exact resume, preemption, crash safety, NaN guard.
+
+Tolerances: runs with the same world size are compared for exact equality (fp32 on CPU is deterministic and the
+gloo reductions have a fixed order). Runs with a different world size sum the same gradients in a different
+order, so their losses agree to a relative 1e-4 over 12 steps, not bit for bit.
+"""
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+
+from llm.engine.signals import PREEMPTED_EXIT_CODE
+from tests.engine.conftest import ROOT, env, losses, run_train, train_command, write_config
+
+
+@pytest.fixture(scope="module")
+def one_process_reference(packed_data, tmp_path_factory):
+    """One process, micro-batch 8: the same global batch as two processes with micro-batch 4."""
+    tmp = tmp_path_factory.mktemp("ref")
+    config = write_config(tmp, packed_data, micro_batch_size=8, zero_stage=0)
+    result = run_train(config, 1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "llm train: 1 process(es)" in result.stdout
+    return losses(tmp / "run")
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_zero_stage_on_two_processes_matches_one_process(packed_data, tmp_path, one_process_reference, stage):
+    config = write_config(tmp_path, packed_data, zero_stage=stage)
+    result = run_train(config, 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # The world size Accelerate reports is the launcher's, not 1 (the trap on hosts without a GPU).
+    assert f"llm train: 2 process(es), ZeRO-{stage}" in result.stdout
+    got = losses(tmp_path / "run")
+    assert sorted(got) == list(range(1, 13))
+    assert got[12] < got[1] - 0.5, got  # it learns
+    # Data sharding and loss reduction: each rank took its half of every global batch, and the logged loss is
+    # their mean. Duplicated data, a summed reduction or a wrong world size would all break this equality.
+    for step, loss in one_process_reference.items():
+        assert got[step] == pytest.approx(loss, rel=1e-4), (step, got[step], loss)
+    state = json.loads((tmp_path / "run/checkpoints/step-00000012/trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["loader"]["consumed"] == 12 * 2 * 4 * 2
+    assert (tmp_path / "run/loss.png").stat().st_size > 0
+
+
+def _wait_for(proc: subprocess.Popen, text: str, timeout: float = 240) -> str:
+    """Read the process's stdout until `text` appears; return what was read."""
+    seen, deadline = "", time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        seen += line
+        if text in line:
+            return seen
+    proc.kill()
+    raise AssertionError(f"{text!r} never appeared; output:\n{seen[-3000:]}")
+
+
+def _start(config, overrides=(), **env_extra) -> subprocess.Popen:
+    return subprocess.Popen(train_command(config, 2, list(overrides)), cwd=ROOT, env=env(**env_extra),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """kill -9 the launcher and every worker (torchrun starts workers in sessions of their own)."""
+    import psutil
+
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in tree:
+        p.kill()
+    psutil.wait_procs(tree, timeout=60)
+    proc.wait(timeout=60)
+
+
+def test_resume_after_kill_reproduces_the_uninterrupted_run(packed_data, tmp_path):
+    full = write_config(tmp_path / "full", packed_data, save_every=4)
+    assert run_train(full, 2).returncode == 0
+    expected = losses(tmp_path / "full/run")
+
+    config = write_config(tmp_path / "killed", packed_data, save_every=4)
+    proc = _start(config)
+    _wait_for(proc, "saved checkpoint")  # step 4 is on disk
+    _wait_for(proc, "step 6/12")  # and training has gone on past it
+    _kill_tree(proc)  # kill -9, launcher and both ranks
+    result = run_train(config, 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout and "step-00000004 at step 4" in result.stdout
+    assert losses(tmp_path / "killed/run") == expected  # exact, every step
+
+
+def test_sigterm_to_one_rank_saves_the_current_step_on_all_ranks(packed_data, tmp_path):
+    config = write_config(tmp_path, packed_data, steps=100000)
+    proc = _start(config)
+    _wait_for(proc, "step 3/")
+    rank1 = _rank_pid(proc.pid, 1)
+    import os
+
+    os.kill(rank1, signal.SIGTERM)  # only rank 1: the flag is all-reduced, so rank 0 saves the same step
+    out, _ = proc.communicate(timeout=120)
+    assert f"exiting with code {PREEMPTED_EXIT_CODE}" in out
+    assert proc.returncode != 0  # the launcher reports its workers' non-zero exit
+    marker = json.loads((tmp_path / "run/PREEMPTED").read_text())
+    assert marker["exit_code"] == PREEMPTED_EXIT_CODE
+    latest = (tmp_path / "run/checkpoints/latest").read_text()
+    assert latest == f"step-{marker['step']:08d}" and marker["step"] >= 3
+    ckpt = tmp_path / "run/checkpoints" / latest
+    assert sorted(p.name for p in (ckpt / "rng").iterdir()) == ["rank-00000.pt", "rank-00001.pt"]
+    assert sorted(p.name for p in (ckpt / "deepspeed").glob("*optim_states.pt")) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+
+
+def test_sigterm_exit_code_of_a_single_process_run(packed_data, tmp_path):
+    config = write_config(tmp_path, packed_data, steps=100000)
+    proc = subprocess.Popen(train_command(config, 1), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    _wait_for(proc, "step 2/")
+    proc.send_signal(signal.SIGUSR1)
+    proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT_CODE
+
+
+def test_kill_during_save_resumes_from_the_previous_checkpoint(packed_data, tmp_path):
+    config = write_config(tmp_path, packed_data, save_every=2, steps=6)
+    # Rank 0 dies (SIGKILL) after every shard of step 4 is written but before the folder is renamed into place.
+    result = run_train(config, 2, LLM_FAULT="before_rename:step-00000004")
+    assert result.returncode != 0
+    ckpts = tmp_path / "run/checkpoints"
+    assert (ckpts / "latest").read_text() == "step-00000002"
+    assert (ckpts / ".tmp-step-00000004").is_dir() and not (ckpts / "step-00000004").exists()
+    result = run_train(config, 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step-00000002 at step 2" in result.stdout
+    assert not (ckpts / ".tmp-step-00000004").exists()
+    assert (ckpts / "latest").read_text() == "step-00000006"
+
+
+def test_changed_model_shape_on_resume_is_a_clear_error(packed_data, tmp_path):
+    config = write_config(tmp_path, packed_data, steps=2)
+    assert run_train(config, 1).returncode == 0
+    result = run_train(config, 1, ["model.n_layers=2", "train.steps=4"])
+    assert result.returncode != 0
+    assert "model.n_layers: checkpoint has 4, config has 2" in result.stderr
+
+
+def test_nonfinite_loss_stops_before_the_optimizer_step(packed_data, tmp_path):
+    # An init std beyond fp32's range makes the weights inf and RMSNorm turns them into NaN: a real non-finite
+    # loss from the forward. (A huge learning rate does not do it: DeepSpeed already skips steps whose gradients
+    # overflow, and RMSNorm keeps the loss finite.)
+    config = write_config(tmp_path, packed_data, steps=50, save_every=0)
+    result = run_train(config, 2, ["model.init_std=1e39"])
+    assert result.returncode != 0
+    assert "step 1: non-finite loss on rank(s) [0, 1]" in result.stderr
+    assert "stopped before the optimizer step" in result.stderr
+    assert not (tmp_path / "run/checkpoints").exists() or not any((tmp_path / "run/checkpoints").glob("step-*"))
+
+
+def _rank_pid(launcher_pid: int, rank: int) -> int:
+    """The pid of the worker with RANK=rank among the launcher's descendants."""
+    import psutil
+
+    for child in psutil.Process(launcher_pid).children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank) and "llm.cli" in " ".join(child.cmdline()):
+                return child.pid
+        except psutil.Error:
+            continue
+    raise AssertionError(f"no worker with RANK={rank}")
