@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -58,6 +59,45 @@ def _train(args: argparse.Namespace) -> int:
     return train_main(cfg, args.config)
 
 
+def _export(args: argparse.Namespace) -> int:
+    from llm.export.hf import export
+
+    report = export(args.checkpoint, args.out_dir, dtype=args.dtype, check=not args.no_verify,
+                    max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    if report is not None:
+        worst = max(s["max_abs_logit_diff"] for s in report["sequences"])
+        print(f"verified with transformers on {len(report['sequences'])} sequences: max abs logit difference "
+              f"{worst:.2e} (tolerance {report['logits_tol']}), greedy continuations identical")
+    print(f"exported {args.out_dir}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from llm.generate import Sampling, generate, load_model
+
+    # stdout carries the generated text only: loading messages (DeepSpeed's consolidation prints) go to stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        model, tokenizer = load_model(args.model, device=args.device)
+    prompt = tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
+    tokens: list[int] = []
+    shown = ""
+    print(args.prompt, end="", flush=True)
+
+    def stream(token: int) -> None:  # decode everything so far: a character may span several tokens
+        nonlocal shown
+        tokens.append(token)
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+
+    sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, seed=args.seed)
+    generate(model, prompt, sampling, eos_id=tokenizer.eos_token_id, on_token=stream)
+    print()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llm", description="Train Llama-style language models with Accelerate + DeepSpeed ZeRO.",
@@ -89,7 +129,43 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="a run config, e.g. configs/train/tiny_cpu.yaml")
     train.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=100")
     train.set_defaults(func=_train)
+
+    export = sub.add_parser(
+        "export", help="export a checkpoint to a Hugging Face transformers LlamaForCausalLM folder, verified",
+        description="Consolidate a checkpoint of `llm train` (any ZeRO stage and number of processes, on CPU), "
+                    "write config.json, safetensors weights, the tokenizer, generation_config.json and a model "
+                    "card, then load the folder with transformers and compare logits and greedy continuations "
+                    "with our model. A folder that fails the check is not written.",
+        epilog="example: llm export runs/tiny_cpu exports/tiny --dtype bf16")
+    export.add_argument("checkpoint", help="a run folder (its latest checkpoint) or one checkpoint folder")
+    export.add_argument("out_dir", help="the folder to create")
+    export.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weight dtype (default fp32)")
+    export.add_argument("--max-shard-size", default="5GB", help="safetensors shard size limit (default 5GB)")
+    export.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
+    export.add_argument("--no-verify", action="store_true", help="skip loading it back with transformers")
+    export.set_defaults(func=_export)
+
+    gen = sub.add_parser(
+        "generate", help="generate text from a checkpoint or an exported/Hugging Face Llama folder",
+        description="Incremental decoding with a KV cache, streamed as it is produced. Greedy by default; "
+                    "--temperature > 0 samples (with optional --top-k / --top-p). Stops at EOS.",
+        epilog='example: llm generate runs/tiny_cpu --prompt "def main(" --max-new-tokens 64')
+    gen.add_argument("model", help="a run folder, a checkpoint folder or a transformers Llama folder")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    gen.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1: off)")
+    gen.add_argument("--seed", type=int, default=None, help="seed for sampling, for reproducible output")
+    gen.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    gen.set_defaults(func=_generate)
     return parser
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"llm {args.command}: config error: {e}", file=sys.stderr)
         return 2
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
+        # Bad input (a missing checkpoint, an unsafe file, a failed verification): one clear line, no traceback.
+        print(f"llm {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -163,6 +163,7 @@ class TrainConfig:
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload: bool = False  # ZeRO-3 optimizer and parameter offload to CPU
     deepspeed_config: str | None = None  # a custom sharding JSON; default configs/deepspeed/zero<stage>[_offload]
+    init_from: str | None = None  # a Hugging Face LlamaForCausalLM folder to start from (continued pretraining)
     seed: int = 1234
     activation_checkpointing: bool = False
     compile: bool = False

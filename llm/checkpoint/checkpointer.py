@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llm.checkpoint.safety import vet_deepspeed_folder
 from llm.config import RunConfig, save_config, to_dict
 
 STEP_RE = re.compile(r"^step-(\d{8})$")
@@ -174,6 +175,7 @@ class Checkpointer:
         if diffs:
             raise CheckpointError(f"cannot resume from {path}: the config changes what a resumed run must keep:\n  "
                                   + "\n  ".join(diffs) + "\nUse a new train.output_dir to start a new run.")
+        vet_deepspeed_folder(path / "deepspeed")
         load_path, _ = engine.load_checkpoint(str(path), tag="deepspeed", load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
         if load_path is None:

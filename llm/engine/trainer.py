@@ -82,6 +82,16 @@ def _grad_norm(engine) -> float | None:
     return None
 
 
+def init_from_hf(model: torch.nn.Module, cfg: RunConfig) -> None:
+    """Start from a Hugging Face Llama's weights (a resumed run then overwrites them with its checkpoint)."""
+    from llm.export.hf import check_same_shape, load_hf_folder
+
+    hf_cfg, state = load_hf_folder(cfg.train.init_from)
+    check_same_shape(cfg.model, hf_cfg, cfg.train.init_from)
+    model.load_state_dict(state, strict=True)
+    print0(f"initialised from {cfg.train.init_from}")
+
+
 def train(cfg: RunConfig, config_path: str = "") -> int:
     from llm.data.loader import build_train_loader, build_val_loader
 
@@ -93,6 +103,8 @@ def train(cfg: RunConfig, config_path: str = "") -> int:
     seed_everything(cfg.train.seed)
 
     model = build_model(cfg.model)
+    if cfg.train.init_from:
+        init_from_hf(model, cfg)
     flops_per_token = model.flops_per_token(cfg.data.seq_len)
     n_params = model.num_params()
     if cfg.train.activation_checkpointing:

@@ -18,6 +18,7 @@ import torch.nn as nn
 from llm.attention import DocumentMask, get_attention
 from llm.config import ModelConfig
 
+from .kv_cache import KVCache
 from .layers import RMSNorm, SwiGLU, apply_rope, rope_rotations
 
 
@@ -30,14 +31,17 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
         self.attend = get_attention(cfg.attention)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, docs: DocumentMask | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, docs: DocumentMask | None,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
         hd = self.head_dim
         q, k, v = self.wqkv(x).split([self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1)
         q = apply_rope(q.view(B, T, self.n_heads, hd), rope)  # (B, T, n_heads, hd)
         k = apply_rope(k.view(B, T, self.n_kv_heads, hd), rope)  # (B, T, n_kv_heads, hd)
         v = v.view(B, T, self.n_kv_heads, hd)
-        out = self.attend(q, k, v, causal=True, docs=docs)  # (B, T, n_heads, hd)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, cached + T, n_kv_heads, hd)
+        out = self.attend(q, k, v, causal=True, docs=docs)  # (B, T, n_heads, hd), queries aligned to the end
         return self.wo(out.reshape(B, T, self.n_heads * hd))
 
 
@@ -49,8 +53,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.feed_forward = SwiGLU(cfg.d_model, cfg.ffn_hidden)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, docs: DocumentMask | None) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), rope, docs)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, docs: DocumentMask | None,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), rope, docs, cache, layer)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -83,25 +88,37 @@ class Decoder(nn.Module):
             nn.init.normal_(self.output.weight, std=std)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
+                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab_size).
 
         `position_ids` (B, T) that restart at 0 mark packed document boundaries: tokens then attend only within
         their own document (`cu_seqlens`/`max_seqlen` may be passed along when the loader already has them).
+        With a `cache`, input_ids continue the cached positions (incremental decoding) and the cache advances.
         """
         B, T = input_ids.shape
-        if T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds model.max_seq_len = {self.cfg.max_seq_len}")
+        start = cache.length if cache is not None else 0
+        if start + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {start + T} exceeds model.max_seq_len = {self.cfg.max_seq_len}")
         docs = None
         if position_ids is None:
-            position_ids = torch.arange(T, device=input_ids.device)[None]  # (1, T)
+            position_ids = torch.arange(start, start + T, device=input_ids.device)[None]  # (1, T)
+        elif cache is not None:
+            raise ValueError("document boundaries (position_ids) are for training; decoding with a cache takes none")
         else:
             docs = DocumentMask.from_position_ids(position_ids, cu_seqlens, max_seqlen)
         rope = rope_rotations(self.cfg.head_dim, self.cfg.rope_theta, position_ids)  # (B or 1, T, hd/2) complex
         x = self.tok_embeddings(input_ids)  # (B, T, d_model)
-        for block in self.layers:
-            x = block(x, rope, docs)
+        for i, block in enumerate(self.layers):
+            x = block(x, rope, docs, cache, i)
+        if cache is not None:
+            cache.advance(T)
         return self.output(self.norm(x))  # (B, T, vocab_size)
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        p = self.tok_embeddings.weight
+        return KVCache(self.cfg.n_layers, batch, max_len or self.cfg.max_seq_len, self.cfg.kv_heads,
+                       self.cfg.head_dim, p.dtype, p.device)
 
     # ---- sizing ----------------------------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from llm.engine.signals import PREEMPTED_EXIT_CODE
-from tests.engine.conftest import ROOT, env, losses, run_train, train_command, write_config
+from tests.helpers import ROOT, env, losses, run_train, train_command, write_config
 
 
 @pytest.fixture(scope="module")

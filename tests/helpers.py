@@ -1,30 +1,15 @@
-"""Real runs of `llm train`: one process directly, two processes under `accelerate launch` over gloo."""
+"""Running `llm train` for real in tests: one process directly, two processes under `accelerate launch` (gloo)."""
 
 import json
 import os
 import socket
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
-import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="session")
-def packed_data(tmp_path_factory) -> Path:
-    """A tokenizer and a packed dataset made by the real CLIs from a real corpus (the stdlib's email package)."""
-    out = tmp_path_factory.mktemp("data")
-    corpus = str(Path(sysconfig.get_paths()["stdlib"]) / "email")
-    run = lambda *args: subprocess.run([sys.executable, "-m", *args], check=True, capture_output=True,  # noqa: E731
-                                       text=True, cwd=ROOT)
-    run("data_prep.train_tokenizer", "--input", corpus, "--vocab-size", "512", "--output", str(out / "tok"))
-    run("data_prep.pack_lm", "--input", corpus, "--tokenizer", str(out / "tok"), "--output", str(out / "packed"),
-        "--val-fraction", "0.1", "--no-progress")
-    return out / "packed"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_config(tmp_path: Path, data: Path, **train) -> Path:

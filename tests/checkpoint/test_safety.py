@@ -1,0 +1,40 @@
+"""A checkpoint file carrying a pickle that would run code is refused before anything unpickles it for real."""
+
+
+import pytest
+import torch
+
+from llm.checkpoint.consolidate import consolidated_state_dict
+from llm.checkpoint.safety import UnsafeCheckpoint, vet_deepspeed_folder, vet_torch_file
+
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling calls open(marker, "w"): proof that code ran
+        return (open, (self.marker, "w"))
+
+
+def plant(path, marker):
+    torch.save({"module": {"w": torch.zeros(2)}, "payload": RunsCode(str(marker))}, path)
+
+
+def test_planted_pickle_is_refused_and_never_runs(tmp_path):
+    ds = tmp_path / "step-00000002" / "deepspeed"
+    ds.mkdir(parents=True)
+    marker = tmp_path / "code-ran"
+    plant(ds / "mp_rank_00_model_states.pt", marker)
+    with pytest.raises(UnsafeCheckpoint, match="mp_rank_00_model_states.pt: refused to load"):
+        vet_deepspeed_folder(ds)
+    with pytest.raises(UnsafeCheckpoint):
+        consolidated_state_dict(ds.parent)
+    assert not marker.exists()
+    # The payload is real: an unchecked load would have run it.
+    torch.load(ds / "mp_rank_00_model_states.pt", weights_only=False)
+    assert marker.exists()
+
+
+def test_plain_tensors_pass(tmp_path):
+    torch.save({"module": {"w": torch.zeros(2)}, "step": 3}, tmp_path / "ok.pt")
+    vet_torch_file(tmp_path / "ok.pt")
