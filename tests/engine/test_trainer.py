@@ -169,3 +169,29 @@ def _rank_pid(launcher_pid: int, rank: int) -> int:
         except psutil.Error:
             continue
     raise AssertionError(f"no worker with RANK={rank}")
+
+
+def test_activation_checkpointing_gives_the_same_losses(packed_data, tmp_path):
+    runs = {}
+    for flag in (False, True):
+        config = write_config(tmp_path / str(flag), packed_data, steps=4, zero_stage=0,
+                              activation_checkpointing=flag)
+        result = run_train(config, 1)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[flag] = losses(tmp_path / str(flag) / "run")
+    assert runs[True] == pytest.approx(runs[False], rel=1e-6)
+
+
+def test_activation_checkpointing_recomputes_each_block_in_the_backward(tiny_cfg):
+    import torch
+
+    from llm.engine.trainer import apply_activation_checkpointing
+    from llm.models import build_model
+
+    model = build_model(tiny_cfg)
+    apply_activation_checkpointing(model)
+    calls = []
+    model.layers[0].feed_forward.register_forward_hook(lambda *_: calls.append(1))
+    model(torch.randint(0, tiny_cfg.vocab_size, (2, 16))).sum().backward()
+    assert len(calls) == 2  # once in the forward, once again when the backward needs its activations
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in build_model(tiny_cfg).named_parameters()]
