@@ -59,13 +59,12 @@ def forward_loss(engine, batch: dict, device: torch.device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(engine, val_loader, batches: int, accelerator) -> dict:
-    """Mean validation loss and perplexity over `batches` batches per rank (the same batches every time)."""
+def evaluate(engine, val_loader, accelerator) -> dict:
+    """Mean validation loss and perplexity over the validation loader's batches (the same ones every time, and
+    as many on every rank, which ZeRO-3's collective forward needs)."""
     engine.eval()
     total, count = torch.zeros((), device=accelerator.device), 0
-    for i, batch in enumerate(val_loader):
-        if i == batches:
-            break
+    for batch in val_loader:
         total += forward_loss(engine, batch, accelerator.device).float()
         count += 1
     engine.train()
@@ -117,8 +116,8 @@ def train(cfg: RunConfig, config_path: str = "") -> int:
 
     train_loader = build_train_loader(cfg.data, cfg.train.micro_batch_size, rank, world,
                                       vocab_size=cfg.model.vocab_size)
-    val_loader = build_val_loader(cfg.data, cfg.train.micro_batch_size, rank, world,
-                                  vocab_size=cfg.model.vocab_size) if cfg.train.eval_every else None
+    val_loader = build_val_loader(cfg.data, cfg.train.micro_batch_size, rank, world, vocab_size=cfg.model.vocab_size,
+                                  max_batches=cfg.train.eval_batches) if cfg.train.eval_every else None
 
     checkpointer = Checkpointer(out, accelerator, cfg.train.keep_last)
     checkpointer.remove_unfinished()
@@ -183,7 +182,7 @@ def train(cfg: RunConfig, config_path: str = "") -> int:
                     norm = float(ds_norm) if ds_norm is not None else float("nan")
                 metrics.log(step, tokens, {"loss": gathered[:, 0].mean().item(), "grad_norm": norm, "lr": lr})
             if val_loader is not None and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
-                metrics.log_eval(step, evaluate(engine, val_loader, cfg.train.eval_batches, accelerator))
+                metrics.log_eval(step, evaluate(engine, val_loader, accelerator))
                 metrics.reset_clock(tokens)  # keep evaluation time out of tokens/s
             signalled = gathered[:, 1].sum().item() > 0
             if signalled or (cfg.train.save_every and step % cfg.train.save_every == 0) or step == cfg.train.steps:
