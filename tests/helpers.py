@@ -51,11 +51,11 @@ def run_train(config: Path, processes: int, overrides: list[str] = (), timeout: 
                           capture_output=True, text=True, timeout=timeout)
 
 
-def losses(run_dir: Path) -> dict[int, float]:
-    """Train loss per step from metrics.jsonl; the last record of a step wins (a resumed run rewrites steps)."""
+def losses(run_dir: Path, split: str = "train") -> dict[int, float]:
+    """Loss per step from metrics.jsonl; the last record of a step wins (a resumed run rewrites steps)."""
     out = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
-        if record["split"] == "train":
+        if record["split"] == split:
             out[record["step"]] = record["loss"]
     return out

@@ -20,16 +20,16 @@ from tests.helpers import ROOT, env, losses, run_train, train_command, write_con
 def one_process_reference(packed_data, tmp_path_factory):
     """One process, micro-batch 8: the same global batch as two processes with micro-batch 4."""
     tmp = tmp_path_factory.mktemp("ref")
-    config = write_config(tmp, packed_data, micro_batch_size=8, zero_stage=0)
+    config = write_config(tmp, packed_data, micro_batch_size=8, zero_stage=0, eval_every=6, eval_batches=2)
     result = run_train(config, 1)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "llm train: 1 process(es)" in result.stdout
-    return losses(tmp / "run")
+    return losses(tmp / "run"), losses(tmp / "run", split="val")
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_zero_stage_on_two_processes_matches_one_process(packed_data, tmp_path, one_process_reference, stage):
-    config = write_config(tmp_path, packed_data, zero_stage=stage)
+    config = write_config(tmp_path, packed_data, zero_stage=stage, eval_every=6, eval_batches=2)
     result = run_train(config, 2)
     assert result.returncode == 0, result.stderr[-3000:]
     # The world size Accelerate reports is the launcher's, not 1 (the trap on hosts without a GPU).
@@ -39,8 +39,14 @@ def test_zero_stage_on_two_processes_matches_one_process(packed_data, tmp_path, 
     assert got[12] < got[1] - 0.5, got  # it learns
     # Data sharding and loss reduction: each rank took its half of every global batch, and the logged loss is
     # their mean. Duplicated data, a summed reduction or a wrong world size would all break this equality.
-    for step, loss in one_process_reference.items():
+    train_ref, val_ref = one_process_reference
+    for step, loss in train_ref.items():
         assert got[step] == pytest.approx(loss, rel=1e-4), (step, got[step], loss)
+    # Validation (collective under ZeRO-3): the same batches as one process, reduced to the same mean.
+    val = losses(tmp_path / "run", split="val")
+    assert sorted(val) == [6, 12]
+    for step, loss in val_ref.items():
+        assert val[step] == pytest.approx(loss, rel=1e-4), (step, val[step], loss)
     state = json.loads((tmp_path / "run/checkpoints/step-00000012/trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["loader"]["consumed"] == 12 * 2 * 4 * 2
     assert (tmp_path / "run/loss.png").stat().st_size > 0
