@@ -1,9 +1,9 @@
 """Attention backends behind one registry, chosen by `model.attention`.
 
-Every backend takes q (B, Tq, H, D), k and v (B, Tk, Hkv, D), `causal`, optional document boundaries and a
-softmax scale, and returns (B, Tq, H, D). `eager` is the reference; `sdpa` is PyTorch's fused attention (the
-FlashAttention kernel on CUDA); `flash` is the flash-attn package; `auto` takes `flash` when it is importable and
-the tensors are half precision on CUDA, `sdpa` otherwise.
+Every backend takes q (B, Tq, H, D), k and v (B, Tk, Hkv, D), `causal`, optional document boundaries, a
+softmax scale and an optional key padding mask (B, Tk) (False at padding), and returns (B, Tq, H, D). `eager` is
+the reference; `sdpa` is PyTorch's fused attention (the FlashAttention kernel on CUDA); `flash` is the flash-attn
+package; `auto` takes `flash` when it is importable and the tensors are half precision on CUDA, `sdpa` otherwise.
 """
 
 from __future__ import annotations

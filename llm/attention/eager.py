@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from .masks import DocumentMask, causal_mask
+from .masks import DocumentMask, dense_mask
 
 
 def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
-                    docs: DocumentMask | None = None, scale: float | None = None) -> torch.Tensor:
-    """q (B, Tq, H, D), k and v (B, Tk, Hkv, D) with H a multiple of Hkv -> (B, Tq, H, D)."""
+                    docs: DocumentMask | None = None, scale: float | None = None,
+                    key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """q (B, Tq, H, D), k and v (B, Tk, Hkv, D) with H a multiple of Hkv -> (B, Tq, H, D).
+
+    `key_mask` (B, Tk) is False at padding keys, which no query attends to. A query left with no key at all gets a
+    zero output (PyTorch SDPA's convention), never NaN, so padding rows cannot poison later layers.
+    """
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     scale = D**-0.5 if scale is None else scale
@@ -20,13 +25,10 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         k = k.repeat_interleave(H // Hkv, dim=1)  # (B, H, Tk, D)
         v = v.repeat_interleave(H // Hkv, dim=1)
     scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
-    if docs is not None:
-        mask = docs.dense(Tq, Tk, causal=causal)  # (B, 1, Tq, Tk)
-    elif causal:
-        mask = causal_mask(Tq, Tk, q.device)  # (Tq, Tk)
-    else:
-        mask = None
+    mask = dense_mask(Tq, Tk, q.device, causal=causal, docs=docs, key_mask=key_mask)  # (Tq, Tk) or (B, 1, Tq, Tk)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
+    if key_mask is not None:
+        probs = probs.nan_to_num(0.0)  # rows with every key masked: softmax of all -inf
     return (probs @ v).transpose(1, 2).to(out_dtype)  # (B, Tq, H, D)

@@ -57,3 +57,22 @@ def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
     """
     offset = k_len - q_len
     return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=offset)  # (q_len, k_len)
+
+
+def dense_mask(q_len: int, k_len: int, device: torch.device, *, causal: bool, docs: DocumentMask | None = None,
+               key_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The boolean mask (True where attention is allowed) for causal / document / key-padding masking, or None.
+
+    Shapes: (q_len, k_len) for causal alone, (B, 1, q_len, k_len) with documents or a key mask. `key_mask` is
+    (B, k_len), True for real keys and False for padding: padding is never attended to.
+    """
+    if docs is not None:
+        mask = docs.dense(q_len, k_len, causal=causal)  # (B, 1, Tq, Tk)
+    elif causal:
+        mask = causal_mask(q_len, k_len, device)  # (Tq, Tk)
+    else:
+        mask = None
+    if key_mask is not None:
+        keys = key_mask[:, None, None, :].to(torch.bool)  # (B, 1, 1, Tk)
+        mask = keys if mask is None else mask & keys
+    return mask

@@ -1,0 +1,352 @@
+"""Encoder-decoder Transformer for translation, as in "Attention Is All You Need" (Vaswani et al., 2017).
+
+The encoder reads the whole source: N layers of self-attention and a feed-forward network. The decoder writes the
+target one token at a time: N layers of causal self-attention, cross-attention to the encoder output, and the
+feed-forward network. Token embeddings are scaled by sqrt(d_model) and added to fixed sinusoidal position
+encodings; projections carry biases; normalisation is LayerNorm; dropout is applied to every sub-layer output and to
+the embedding sums. `norm="post"` is the paper's LayerNorm(x + sublayer(x)); `norm="pre"` is x + sublayer(LN(x))
+with one more LayerNorm at the end of each stack, which trains deep or large models without a long warm-up.
+
+One joint source/target vocabulary. With `share_embeddings` the encoder input, decoder input and output
+projection are one matrix (the paper's three-way tying); without, they are three.
+
+Padding. `src_pad_mask` (B, S) is True at source padding: neither encoder self-attention nor cross-attention ever
+attends to it. `tgt_pad_mask` (B, T) does the same for decoder self-attention. Right-padded targets (how the
+translation loader pads) may leave it None: under the causal mask no real position can see a later padding position,
+so the result is the same and SDPA keeps its fastest (mask-free) kernel. Outputs at padding positions are not
+meaningful; the loss ignores them.
+
+Initialisation as fairseq's transformer: embeddings and output projection N(0, d_model^-0.5) (scaled by sqrt(d_model)
+the embeddings enter with unit variance, like the position encodings), Xavier-uniform linear weights, zero biases,
+LayerNorm 1 and 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llm.attention import get_attention
+from llm.config import ConfigError
+
+from .kv_cache import KVCache
+
+
+@dataclass
+class TranslationModelConfig:
+    """Shape of an encoder-decoder translation model. Defaults are transformer-base."""
+
+    vocab_size: int = 37000  # joint source/target vocabulary (the paper's shared BPE vocabulary for WMT14 en-de)
+    d_model: int = 512
+    n_encoder_layers: int = 6
+    n_decoder_layers: int = 6
+    n_heads: int = 8
+    d_ff: int = 2048
+    dropout: float = 0.1  # residual dropout: each sub-layer's output and the embedding + position sums
+    activation: Literal["relu", "gelu"] = "relu"
+    norm: Literal["post", "pre"] = "post"
+    norm_eps: float = 1e-5
+    max_seq_len: int = 1024  # longest source or target (with EOS / BOS)
+    share_embeddings: bool = True
+    attention: Literal["auto", "flash", "sdpa", "eager"] = "auto"
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def check(self, source: str, prefix: str = "model") -> None:
+        def fail(name: str, reason: str):
+            raise ConfigError(f"{source}: {prefix}.{name} = {getattr(self, name)!r}: {reason}")
+
+        for name in ("vocab_size", "d_model", "n_encoder_layers", "n_decoder_layers", "n_heads", "d_ff",
+                     "max_seq_len", "norm_eps"):
+            if getattr(self, name) <= 0:
+                fail(name, "must be positive")
+        if self.d_model % self.n_heads:
+            fail("n_heads", f"must divide {prefix}.d_model = {self.d_model}")
+        if self.d_model % 2:
+            fail("d_model", "must be even (sine and cosine position encodings come in pairs)")
+        if not 0 <= self.dropout < 1:
+            fail("dropout", "must be in [0, 1)")
+
+
+# Named shapes. tiny: tests and CPU runs. transformer-base / -big: the paper's Table 3 (big: dropout 0.3, as for
+# its EN-DE model). A preset is data: any field can be overridden, e.g. vocab_size to the tokenizer's.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(vocab_size=1000, d_model=64, n_encoder_layers=2, n_decoder_layers=2, n_heads=4, d_ff=128,
+                 max_seq_len=256),
+    "transformer-base": dict(d_model=512, n_encoder_layers=6, n_decoder_layers=6, n_heads=8, d_ff=2048, dropout=0.1),
+    "transformer-big": dict(d_model=1024, n_encoder_layers=6, n_decoder_layers=6, n_heads=16, d_ff=4096,
+                            dropout=0.3),
+}
+
+
+def translation_preset(name: str, **overrides) -> TranslationModelConfig:
+    """The preset called `name` with `overrides` applied, checked."""
+    if name not in PRESETS:
+        raise ConfigError(f"translation model preset {name!r} not found (one of: {', '.join(PRESETS)})")
+    cfg = dataclasses.replace(TranslationModelConfig(**PRESETS[name]), **overrides)
+    cfg.check(f"preset {name}")
+    return cfg
+
+
+def sinusoids(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """Position encodings (..., T) -> (..., T, dim): PE[p, 2i] = sin(p / 10000^(2i/dim)), PE[p, 2i+1] = cos(same).
+
+    The paper's interleaved layout. Computed per forward (a few microseconds; nothing to shard or to rebuild after
+    `to_empty`) in float64 and then rounded, so that it equals, to the last bit, tables precomputed in float64 (as
+    `transformers`' Marian does; the exporter permutes d_model into Marian's [sines | cosines] layout).
+    """
+    two_i = torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device)  # (dim / 2,)
+    angles = positions.double()[..., None] / 10000.0 ** (two_i / dim)  # (..., T, dim / 2)
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2).float()  # (..., T, dim) interleaved
+
+
+class Attention(nn.Module):
+    """Multi-head attention with biased projections; keys and values come from `wkv` applied to the key side."""
+
+    def __init__(self, cfg: TranslationModelConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.d_model, cfg.d_model)
+        self.wkv = nn.Linear(cfg.d_model, 2 * cfg.d_model)  # rows [k (d_model) | v (d_model)]
+        self.wo = nn.Linear(cfg.d_model, cfg.d_model)
+        self.attend = get_attention(cfg.attention)
+
+    def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, Tk, d_model) -> k, v (B, Tk, n_heads, head_dim) each."""
+        B, Tk, _ = x.shape
+        return self.wkv(x).view(B, Tk, 2, self.n_heads, self.head_dim).unbind(dim=2)
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], causal: bool,
+                key_mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, d = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, n_heads, head_dim)
+        out = self.attend(q, *kv, causal=causal, key_mask=key_mask)  # (B, T, n_heads, head_dim)
+        return self.wo(out.reshape(B, T, d))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: TranslationModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.w2 = nn.Linear(cfg.d_ff, cfg.d_model)
+        self.act = F.relu if cfg.activation == "relu" else F.gelu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(self.act(self.w1(x)))
+
+
+class _Layer(nn.Module):
+    def __init__(self, cfg: TranslationModelConfig):
+        super().__init__()
+        self.pre_norm = cfg.norm == "pre"
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def residual(self, x: torch.Tensor, norm: nn.LayerNorm, sublayer) -> torch.Tensor:
+        if self.pre_norm:
+            return x + self.dropout(sublayer(norm(x)))
+        return norm(x + self.dropout(sublayer(x)))
+
+
+class EncoderLayer(_Layer):
+    def __init__(self, cfg: TranslationModelConfig):
+        super().__init__(cfg)
+        self.self_attn = Attention(cfg)
+        self.self_attn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.ffn = FeedForward(cfg)
+        self.ffn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+
+    def forward(self, x: torch.Tensor, src_mask: torch.Tensor | None) -> torch.Tensor:
+        def self_attention(h):
+            return self.self_attn(h, self.self_attn.keys_values(h), causal=False, key_mask=src_mask)
+
+        x = self.residual(x, self.self_attn_norm, self_attention)
+        return self.residual(x, self.ffn_norm, self.ffn)
+
+
+class DecoderLayer(_Layer):
+    def __init__(self, cfg: TranslationModelConfig):
+        super().__init__(cfg)
+        self.self_attn = Attention(cfg)
+        self.self_attn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.cross_attn = Attention(cfg)
+        self.cross_attn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.ffn = FeedForward(cfg)
+        self.ffn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+                src_mask: torch.Tensor | None, tgt_mask: torch.Tensor | None, cache: KVCache | None = None,
+                layer: int = 0) -> torch.Tensor:
+        """`memory` is the encoder output (B, S, d_model), or this layer's cross-attention (k, v) already made."""
+        def self_attention(h):
+            k, v = self.self_attn.keys_values(h)
+            if cache is not None:
+                k, v = cache.update(layer, k, v)  # (B, cached + T, n_heads, head_dim)
+            return self.self_attn(h, (k, v), causal=True, key_mask=tgt_mask)
+
+        def cross_attention(h):
+            kv = self.cross_attn.keys_values(memory) if isinstance(memory, torch.Tensor) else memory
+            return self.cross_attn(h, kv, causal=False, key_mask=src_mask)
+
+        x = self.residual(x, self.self_attn_norm, self_attention)
+        x = self.residual(x, self.cross_attn_norm, cross_attention)
+        return self.residual(x, self.ffn_norm, self.ffn)
+
+
+@dataclass
+class DecoderState:
+    """What incremental decoding keeps: the decoder self-attention cache, each decoder layer's cross-attention keys
+    and values of the encoder output (made once per sentence, not once per step), and the source key mask."""
+
+    cache: KVCache
+    cross_kv: list[tuple[torch.Tensor, torch.Tensor]]
+    src_mask: torch.Tensor | None  # (B, S), True at real source tokens
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep (and reorder to) batch rows `rows` (beam search reorders beams and drops finished sentences)."""
+        self.cache.k = self.cache.k.index_select(1, rows)  # (n_layers, B', max_len, n_heads, head_dim)
+        self.cache.v = self.cache.v.index_select(1, rows)
+        self.cross_kv = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.cross_kv]
+        if self.src_mask is not None:
+            self.src_mask = self.src_mask.index_select(0, rows)
+
+
+class EncoderDecoder(nn.Module):
+    def __init__(self, cfg: TranslationModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.src_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.tgt_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_encoder_layers))
+        self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_decoder_layers))
+        pre = cfg.norm == "pre"  # post-norm layers end in a LayerNorm already; pre-norm stacks need a last one
+        self.encoder_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if pre else None
+        self.decoder_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if pre else None
+        self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.share_embeddings:
+            self.tgt_embeddings.weight = self.src_embeddings.weight
+            self.output.weight = self.src_embeddings.weight
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.embed_scale = math.sqrt(cfg.d_model)
+        self.init_weights()
+
+    @property
+    def layers(self) -> list[nn.Module]:
+        """Every block, encoder first: what the engine wraps for activation checkpointing or compiles."""
+        return [*self.encoder_layers, *self.decoder_layers]
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter as the module docstring says; also after `to_empty` from meta."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                module.reset_parameters()
+        # Last, over the Xavier init above: the output projection, tied or not, is initialised like an embedding
+        # (fairseq does the same).
+        for weight in (self.src_embeddings.weight, self.tgt_embeddings.weight, self.output.weight):
+            nn.init.normal_(weight, std=self.cfg.d_model ** -0.5)
+
+    def _embed(self, embeddings: nn.Embedding, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+        T = ids.shape[1]
+        if start + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {start + T} exceeds model.max_seq_len = {self.cfg.max_seq_len}")
+        x = embeddings(ids) * self.embed_scale  # (B, T, d_model)
+        pe = sinusoids(torch.arange(start, start + T, device=ids.device), self.cfg.d_model)  # (T, d_model)
+        return self.dropout(x + pe.to(x.dtype))
+
+    def encode(self, src_ids: torch.Tensor, src_pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """src_ids (B, S) -> encoder output (B, S, d_model). `src_pad_mask` (B, S) is True at padding."""
+        src_mask = None if src_pad_mask is None else ~src_pad_mask
+        x = self._embed(self.src_embeddings, src_ids)
+        for layer in self.encoder_layers:
+            x = layer(x, src_mask)
+        return x if self.encoder_norm is None else self.encoder_norm(x)
+
+    def decode(self, tgt_ids: torch.Tensor, memory: torch.Tensor, src_pad_mask: torch.Tensor | None = None,
+               tgt_pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher-forced decoder: tgt_ids (B, T) and the encoder output (B, S, d_model) -> logits (B, T, vocab)."""
+        src_mask = None if src_pad_mask is None else ~src_pad_mask
+        tgt_mask = None if tgt_pad_mask is None else ~tgt_pad_mask
+        x = self._embed(self.tgt_embeddings, tgt_ids)
+        for layer in self.decoder_layers:
+            x = layer(x, memory, src_mask, tgt_mask)
+        return self.output(x if self.decoder_norm is None else self.decoder_norm(x))
+
+    def forward(self, src_ids: torch.Tensor, src_pad_mask: torch.Tensor | None, tgt_in_ids: torch.Tensor,
+                tgt_pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Source (B, S) and decoder input (B, T) (BOS, then the target shifted right) -> logits (B, T, vocab).
+
+        Pad masks are True at padding; see the module docstring for when `tgt_pad_mask` may be None.
+        """
+        memory = self.encode(src_ids, src_pad_mask)
+        return self.decode(tgt_in_ids, memory, src_pad_mask, tgt_pad_mask)
+
+    # ---- incremental decoding --------------------------------------------------------------------------------
+
+    def start_decoding(self, memory: torch.Tensor, src_pad_mask: torch.Tensor | None, max_len: int,
+                       expand: int = 1) -> DecoderState:
+        """Decoder state for up to `max_len` decoder inputs per row; each source row repeated `expand` times
+        (rows b * expand + j, for the beams of beam search), its cross-attention keys and values made once."""
+        B = memory.shape[0]
+        cross_kv = []
+        for layer in self.decoder_layers:
+            k, v = layer.cross_attn.keys_values(memory)  # (B, S, n_heads, head_dim)
+            cross_kv.append((k.repeat_interleave(expand, dim=0), v.repeat_interleave(expand, dim=0)))
+        src_mask = None if src_pad_mask is None else (~src_pad_mask).repeat_interleave(expand, dim=0)
+        cfg = self.cfg
+        cache = KVCache(cfg.n_decoder_layers, B * expand, min(max_len, cfg.max_seq_len), cfg.n_heads, cfg.head_dim,
+                        memory.dtype, memory.device)
+        return DecoderState(cache, cross_kv, src_mask)
+
+    def decode_step(self, tgt_ids: torch.Tensor, state: DecoderState) -> torch.Tensor:
+        """The next decoder inputs (B, T) after those in `state` -> logits (B, T, vocab); the state advances."""
+        x = self._embed(self.tgt_embeddings, tgt_ids, start=state.cache.length)
+        for i, layer in enumerate(self.decoder_layers):
+            x = layer(x, state.cross_kv[i], state.src_mask, None, state.cache, i)
+        state.cache.advance(tgt_ids.shape[1])
+        return self.output(x if self.decoder_norm is None else self.decoder_norm(x))
+
+    # ---- sizing ----------------------------------------------------------------------------------------------
+
+    def num_params(self) -> int:
+        """Distinct parameters (a shared embedding counts once)."""
+        return sum(p.numel() for p in self.parameters())
+
+
+def build_translation_model(cfg: TranslationModelConfig, device: str | torch.device | None = None) -> EncoderDecoder:
+    """Build the model for `cfg`; on `device="meta"` nothing is allocated (to count or size a model)."""
+    if device is None:
+        return EncoderDecoder(cfg)
+    with torch.device(device):
+        return EncoderDecoder(cfg)
+
+
+def label_smoothed_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int, eps: float = 0.1,
+                        reduction: Literal["mean", "sum"] = "mean") -> torch.Tensor:
+    """Label-smoothed cross-entropy in fp32, ignoring targets equal to `pad_id`. logits (..., V), targets (...).
+
+    The smoothed target puts 1 - eps on the reference token and eps / (V - 1) on every other one (fairseq's
+    `label_smoothed_cross_entropy`). "mean" divides by the number of non-padding targets; "sum" lets a trainer
+    divide by the global count of a step instead, so that every target token weighs the same whatever its batch.
+    """
+    lprobs = logits.float().log_softmax(dim=-1).flatten(0, -2)  # (N, V)
+    targets = targets.flatten()  # (N,)
+    keep = targets != pad_id
+    nll = -lprobs.gather(1, targets[:, None]).squeeze(1)  # (N,)
+    smooth = -lprobs.sum(dim=-1)  # (N,) cross-entropy against the all-ones vector
+    eps_i = eps / (lprobs.shape[-1] - 1)
+    loss = ((1.0 - eps - eps_i) * nll + eps_i * smooth).masked_fill(~keep, 0.0).sum()
+    if reduction == "sum":
+        return loss
+    return loss / keep.sum().clamp(min=1)
