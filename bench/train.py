@@ -29,10 +29,15 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from llm.config import DataConfig, DatasetEntry, ModelConfig, load_model_config  # noqa: E402
+from llm.config import (  # noqa: E402
+    DataConfig,
+    DatasetEntry,
+    ModelConfig,
+    OptimConfig,  # noqa: E402
+    load_model_config,
+)
 from llm.data.loader import build_train_loader  # noqa: E402
 from llm.engine.optim import build_optimizer  # noqa: E402
-from llm.config import OptimConfig  # noqa: E402
 from llm.export.llama import to_hf_config  # noqa: E402
 from llm.models import build_model  # noqa: E402
 
