@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere: `python slurm/pr
 from data_prep import pack_lm, run_cli  # noqa: E402
 from llm.data.corpus import default_corpus_files, iter_text_batches, resolve_inputs  # noqa: E402
 from llm.data.errors import DataError  # noqa: E402
-from llm.data.order import derive_key, unit_hash  # noqa: E402
-from llm.data.pack import _SPLIT_STREAM  # noqa: E402  (the split's hash stream: must be pack_lm's own)
+from llm.data.order import unit_hash  # noqa: E402
+from llm.data.pack import split_key  # noqa: E402  (the split's hash: must be pack_lm's own)
 from llm.data.shards import SPLITS, PackedSplit, ShardWriter, read_manifest, token_dtype, write_manifest  # noqa: E402
 
 BLOCK_TOKENS = 1 << 24  # tokens re-sharded at a time: bounds the merge's memory, whatever the shard size
@@ -155,7 +155,7 @@ def merge(count: int, pack_argv: list[str]) -> int:
     partial.mkdir(parents=True)
     dtype = token_dtype(first["tokenizer"]["vocab_size"])
     writers = {split: ShardWriter(partial, split, dtype, args.shard_tokens) for split in SPLITS}
-    split_key = derive_key(args.seed, _SPLIT_STREAM)
+    val_key = split_key(args.seed)
     stats: dict[str, int] = {}
     offset = 0  # global index of the slice's first document
     try:
@@ -167,7 +167,7 @@ def merge(count: int, pack_argv: list[str]) -> int:
                 raise DataError(f"{p}: {m['stats']['empty_documents_skipped']} empty documents but {empty_file} "
                                 f"lists {len(empty)}; pack this slice again")
             kept = np.setdiff1d(np.arange(n_read, dtype=np.int64), np.asarray(empty, dtype=np.int64))
-            is_val = unit_hash(split_key, offset + kept) < args.val_fraction
+            is_val = unit_hash(val_key, offset + kept) < args.val_fraction
             _reshard(p, is_val, writers)
             offset += n_read
             for key, value in m["stats"].items():

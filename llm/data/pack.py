@@ -34,6 +34,12 @@ DEFAULT_SHARD_TOKENS = 1 << 28  # 512 MB per uint16 shard: few files, each far b
 _SPLIT_STREAM = 0x5EED_5B17  # keeps the split hash independent of the keys used for sample order
 
 
+def split_key(seed: int) -> int:
+    """The key of the train/validation hash for `seed`: whoever packs a slice of a corpus (a Slurm array task)
+    must split its documents exactly as one `pack_lm` run over the whole corpus would."""
+    return derive_key(seed, _SPLIT_STREAM)
+
+
 def default_num_proc() -> int:
     """1 (threads in this process) on machines with <= 2 CPUs, where it measured faster than 2 processes (see
     docs/BENCHMARKS.md); one process per CPU on larger machines, where the GIL-bound share of the threaded mode
@@ -161,7 +167,7 @@ def pack_corpus(out_dir: str | Path, tokenizer: LoadedTokenizer | str | Path, in
     out_dir = Path(out_dir)
     partial = _prepare_output(out_dir, overwrite)
     writers = {split: ShardWriter(partial, split, dtype, shard_tokens) for split in SPLITS}
-    args = (tok.to_json(), tok.eos_id, dtype.str, derive_key(seed, _SPLIT_STREAM), val_fraction)
+    args = (tok.to_json(), tok.eos_id, dtype.str, split_key(seed), val_fraction)
     stats = {"documents_read": 0, "empty_documents_skipped": 0, "text_tokens": 0}
 
     def consume(result: tuple) -> None:
