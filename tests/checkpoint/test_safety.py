@@ -38,3 +38,26 @@ def test_planted_pickle_is_refused_and_never_runs(tmp_path):
 def test_plain_tensors_pass(tmp_path):
     torch.save({"module": {"w": torch.zeros(2)}, "step": 3}, tmp_path / "ok.pt")
     vet_torch_file(tmp_path / "ok.pt")
+
+
+class PickledByGetattr:
+    """Pickles as getattr(owner, name), the way Python 3.11.2 and 3.12+ pickle Enum members."""
+
+    def __init__(self, owner, name):
+        self.owner, self.name = owner, name
+
+    def __reduce__(self):
+        return (getattr, (self.owner, self.name))
+
+
+def test_enum_members_pickled_by_getattr_pass_and_other_attributes_do_not(tmp_path):
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    ds = tmp_path / "deepspeed"
+    ds.mkdir()
+    torch.save({"zero_stage": PickledByGetattr(ZeroStageEnum, "gradients")}, ds / "ok_optim_states.pt")
+    vet_deepspeed_folder(ds)
+    torch.save({"x": PickledByGetattr(LossScaler, "__init__")}, ds / "bad_optim_states.pt")
+    with pytest.raises(UnsafeCheckpoint, match="bad_optim_states.pt: refused"):
+        vet_deepspeed_folder(ds)
