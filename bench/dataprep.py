@@ -145,6 +145,12 @@ def busy_seconds() -> float:
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
+def steal_seconds() -> float:
+    """CPU seconds the hypervisor gave to other guests while this VM wanted to run (0 on bare metal)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    return (int(fields[7]) if len(fields) > 7 else 0) / os.sysconf("SC_CLK_TCK")
+
+
 QUIET_WAIT = 180.0  # --quiet-wait
 
 
@@ -166,13 +172,14 @@ def own_cpu_seconds() -> float:
                                                                              resource.RUSAGE_CHILDREN)))
 
 
-def measure(cmd: list[str]) -> tuple[str, int, float, float]:
-    """Run a child; return its stdout, the peak PSS summed over its process tree, its wall time, and the CPU
-    seconds other processes on the machine used meanwhile (the load the measurement shared the CPUs with)."""
+def measure(cmd: list[str]) -> tuple[str, int, float, float, float]:
+    """Run a child; return its stdout, the peak PSS summed over its process tree, its wall time, the CPU seconds
+    other processes on the machine used meanwhile (the load the measurement shared the CPUs with) and the CPU
+    seconds the hypervisor gave to other guests."""
     import psutil
 
     wait_for_quiet()
-    busy0, own0 = busy_seconds(), own_cpu_seconds()
+    busy0, own0, steal0 = busy_seconds(), own_cpu_seconds(), steal_seconds()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak, done = [0], threading.Event()
@@ -196,7 +203,7 @@ def measure(cmd: list[str]) -> tuple[str, int, float, float]:
     foreign = (busy_seconds() - busy0) - (own_cpu_seconds() - own0)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
-    return out, peak[0], wall, max(foreign, 0.0)
+    return out, peak[0], wall, max(foreign, 0.0), steal_seconds() - steal0
 
 
 def make_corpus(workdir: Path, scale: int) -> Path:
@@ -274,17 +281,18 @@ def main() -> None:
             for name, spec in methods.items():
                 cmd = [sys.executable, __file__, "--child", spec, "--files", str(listing), "--tokenizer", tokenizer,
                        "--out", str(workdir / "out")]
-                out, peak, wall, foreign = measure(cmd)
+                out, peak, wall, foreign, steal = measure(cmd)
                 result = json.loads(out.strip().splitlines()[-1])
                 run = {**result, "peak": peak, "foreign": foreign / wall}
                 runs.setdefault((scale, name), []).append(run)
                 print(f"# x{scale} run {r}: {name:62s} {run['seconds']:7.2f}s "
                       f"{run['tokens'] / run['seconds']:>11,.0f} tok/s  peak {peak / 2**20:6.0f} MiB  "
-                      f"others used {run['foreign']:.0%} of a CPU", flush=True)
+                      f"others used {run['foreign']:.0%} of a CPU, host steal {steal / wall:.0%}", flush=True)
         # The command a user types: no --input is the default corpus itself; scale k is the folder of k copies.
         inputs = ["--input", str(workdir / f"corpus_x{scale}")] if scale > 1 else []
-        _, peak, wall, foreign = measure([sys.executable, "-m", "data_prep.pack_lm", *inputs, "--tokenizer", tokenizer,
-                                          "--output", str(workdir / "cli"), "--overwrite", "--no-progress"])
+        cmd = [sys.executable, "-m", "data_prep.pack_lm", *inputs, "--tokenizer", tokenizer,
+               "--output", str(workdir / "cli"), "--overwrite", "--no-progress"]
+        _, peak, wall, foreign, _ = measure(cmd)
         cli[scale] = (wall, peak, foreign / wall)
 
     def clean(scale: int, name: str) -> list[dict]:
