@@ -10,6 +10,7 @@ import sys
 from llm.config import ConfigError, load_config
 
 GB = 1e9
+TRANSLATION_INFO_LEN = 64  # `llm info` of a translation model: FLOPs for sentences of this many tokens
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -18,10 +19,25 @@ def _info(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     m = cfg.model
-    seq_len = args.seq_len or cfg.data.seq_len
-    model = build_model(m, device="meta")  # nothing is allocated
+    if cfg.task == "translation":
+        from llm.models.encoder_decoder import build_translation_model
+
+        seq_len = args.seq_len or TRANSLATION_INFO_LEN
+        model = build_translation_model(m, device="meta")
+        embedding = m.vocab_size * m.d_model * (1 if m.share_embeddings else 3)
+        shape = (f"{m.n_encoder_layers}+{m.n_decoder_layers} layers ({m.norm}-norm), d_model {m.d_model}, "
+                 f"{m.n_heads} heads, ffn {m.d_ff}, vocab {m.vocab_size}, "
+                 f"{'shared' if m.share_embeddings else 'separate'} embeddings")
+        at = f"per target token, sources and targets of {seq_len} tokens"
+    else:
+        seq_len = args.seq_len or cfg.data.seq_len
+        model = build_model(m, device="meta")  # nothing is allocated
+        embedding = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
+        shape = (f"{m.n_layers} layers, d_model {m.d_model}, {m.n_heads} heads ({m.kv_heads} kv), "
+                 f"head_dim {m.head_dim}, ffn {m.ffn_hidden}, vocab {m.vocab_size}, "
+                 f"{'tied' if m.tie_embeddings else 'untied'} embeddings")
+        at = f"at seq_len {seq_len}"
     params = model.num_params()
-    embedding = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
     flops = model.flops_per_token(seq_len)
     attention_flops = model.attention_flops_per_token(seq_len)
     stages = model_state_memory(params, model.largest_layer_params(), args.gpus, args.precision)
@@ -34,11 +50,9 @@ def _info(args: argparse.Namespace) -> int:
         return 0
     print(f"config        {args.config}")
     print(f"parameters    {params:,} ({params / 1e9:.2f}B), of which embeddings {embedding:,}")
-    print(f"shape         {m.n_layers} layers, d_model {m.d_model}, {m.n_heads} heads ({m.kv_heads} kv), "
-          f"head_dim {m.head_dim}, ffn {m.ffn_hidden}, vocab {m.vocab_size}, "
-          f"{'tied' if m.tie_embeddings else 'untied'} embeddings")
-    print(f"FLOPs/token   {flops:.3e} for training (forward + backward) at seq_len {seq_len}, "
-          f"attention {100 * attention_flops / flops:.1f}% of it (causal)")
+    print(f"shape         {shape}")
+    print(f"FLOPs/token   {flops:.3e} for training (forward + backward) {at}, "
+          f"attention {100 * attention_flops / flops:.1f}% of it")
     print(f"\nModel states per GPU with {args.gpus} GPU{'s' if args.gpus > 1 else ''}, {args.precision} "
           f"{'mixed precision ' if args.precision == 'bf16' else ''}AdamW "
           "(weights + gradients + optimizer; activations not included):")
@@ -60,15 +74,78 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from llm.export.hf import export
+    from llm.checkpoint.consolidate import resolve_checkpoint
 
-    report = export(args.checkpoint, args.out_dir, dtype=args.dtype, check=not args.no_verify,
-                    max_shard_size=args.max_shard_size, overwrite=args.overwrite)
-    if report is not None:
-        worst = max(s["max_abs_logit_diff"] for s in report["sequences"])
-        print(f"verified with transformers on {len(report['sequences'])} sequences: max abs logit difference "
-              f"{worst:.2e} (tolerance {report['logits_tol']}), greedy continuations identical")
+    task = load_config(resolve_checkpoint(args.checkpoint) / "config.yaml").task
+    if task == "translation":
+        from llm.export.marian import export_checkpoint
+
+        report = export_checkpoint(args.checkpoint, args.out_dir, dtype=args.dtype, check=not args.no_verify,
+                                   overwrite=args.overwrite)
+        if report is not None:
+            worst = report["max_abs_logit_diff"]
+            print(f"verified with transformers (MarianMTModel) on {len(report['sentences'])} validation sentences: "
+                  f"max abs logit difference {worst:.2e} (tolerance {report['logits_tol']}), same tokens, "
+                  f"greedy translations identical")
+    else:
+        from llm.export.hf import export
+
+        report = export(args.checkpoint, args.out_dir, dtype=args.dtype, check=not args.no_verify,
+                        max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+        if report is not None:
+            worst = max(s["max_abs_logit_diff"] for s in report["sequences"])
+            print(f"verified with transformers on {len(report['sequences'])} sequences: max abs logit difference "
+                  f"{worst:.2e} (tolerance {report['logits_tol']}), greedy continuations identical")
     print(f"exported {args.out_dir}")
+    return 0
+
+
+def _translate(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from llm.translate import load_translation_model, read_lines, score_translations, translate
+
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's consolidation prints; stdout is translations only
+        model, tokenizer, cfg = load_translation_model(args.model, device=args.device)
+    overrides = {k: v for k, v in (("beam_size", args.beam), ("length_penalty", args.length_penalty),
+                                   ("max_len_a", args.max_len_a), ("max_len_b", args.max_len_b),
+                                   ("batch_size", args.batch_size)) if v is not None}
+    decode = dataclasses.replace(cfg.decode, **overrides)
+    decode.check("command line", prefix="--")
+    sources = read_lines(args.input) if args.input != "-" else [line.strip() for line in sys.stdin]
+    references = read_lines(args.ref) if args.ref else None
+    if references is not None and len(references) != len(sources):
+        raise ValueError(f"--ref {args.ref} has {len(references)} lines, --input {args.input} {len(sources)}")
+    hypotheses = translate(model, tokenizer, sources, decode, decode.batch_size)
+    if args.output:
+        from pathlib import Path
+
+        Path(args.output).write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
+    else:
+        sys.stdout.writelines(h + "\n" for h in hypotheses)
+    if references is not None:
+        result = score_translations(hypotheses, references, decode.bleu_tokenize)
+        print(f"BLEU {result.bleu:.2f} ({result.bleu_signature})\nchrF {result.chrf:.2f} ({result.chrf_signature})",
+              file=sys.stderr)
+    return 0
+
+
+def _average(args: argparse.Namespace) -> int:
+    from llm.checkpoint.consolidate import CheckpointNotFound, complete_checkpoints, write_weights_checkpoint
+    from llm.translate import average_checkpoints
+
+    checkpoints = complete_checkpoints(args.run)
+    if args.last < 1:
+        raise ValueError(f"--last {args.last}: must be at least 1")
+    if len(checkpoints) < args.last:
+        raise CheckpointNotFound(f"{args.run}: {len(checkpoints)} complete checkpoint(s), --last {args.last} asked "
+                                 f"(raise train.keep_last to keep more)")
+    chosen = checkpoints[-args.last:]
+    with contextlib.redirect_stdout(sys.stderr):
+        state = average_checkpoints(chosen)
+    cfg = load_config(chosen[-1] / "config.yaml")
+    write_weights_checkpoint(state, cfg, args.output, {"averaged": [str(p) for p in chosen]}, args.overwrite)
+    print(f"averaged {', '.join(p.name for p in chosen)} -> {args.output}")
     return 0
 
 
@@ -113,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. model.n_layers=8")
     info.add_argument("--gpus", type=int, default=1, help="data-parallel GPUs the states are sharded over")
     info.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs (default: "
-                      "data.seq_len of a run config; model.max_seq_len of a model preset)")
+                      "data.seq_len of a run config; model.max_seq_len of a model preset; "
+                      f"{TRANSLATION_INFO_LEN} for a translation model)")
     info.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     info.add_argument("--json", action="store_true", help="print the figures as JSON")
     info.set_defaults(func=_info)
@@ -131,11 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     export = sub.add_parser(
-        "export", help="export a checkpoint to a Hugging Face transformers LlamaForCausalLM folder, verified",
+        "export", help="export a checkpoint to a Hugging Face transformers folder (Llama or Marian), verified",
         description="Consolidate a checkpoint of `llm train` (any ZeRO stage and number of processes, on CPU), "
                     "write config.json, safetensors weights, the tokenizer, generation_config.json and a model "
                     "card, then load the folder with transformers and compare logits and greedy continuations "
-                    "with our model. A folder that fails the check is not written.",
+                    "with our model. A folder that fails the check is not written. Language models become "
+                    "LlamaForCausalLM; translation models (post-norm) MarianMTModel, checked on validation "
+                    "sentences.",
         epilog="example: llm export runs/tiny_cpu exports/tiny --dtype bf16")
     export.add_argument("checkpoint", help="a run folder (its latest checkpoint) or one checkpoint folder")
     export.add_argument("out_dir", help="the folder to create")
@@ -159,6 +239,38 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="seed for sampling, for reproducible output")
     gen.add_argument("--device", default="cuda" if _cuda() else "cpu")
     gen.set_defaults(func=_generate)
+
+    tr = sub.add_parser(
+        "translate", help="translate a file with a translation checkpoint (beam search), optionally scored by BLEU",
+        description="Batched beam search (greedy with --beam 1) with the encoder output and the decoder's "
+                    "self-attention cached. Reads one sentence per line, writes one translation per line (stdout "
+                    "or --output); with --ref, prints sacreBLEU's BLEU and chrF with their signatures to stderr. "
+                    "Decoding defaults come from the run config's `decode` section.",
+        epilog="example: llm translate runs/demo_mt --input valid.src --ref valid.tgt --beam 5")
+    tr.add_argument("model", help="a translation run folder, one of its checkpoints, or an `llm average` folder")
+    tr.add_argument("--input", required=True, help="source sentences, one per line ('-': stdin)")
+    tr.add_argument("--ref", help="reference translations, one per line, to score BLEU and chrF")
+    tr.add_argument("--output", help="write translations here instead of stdout")
+    tr.add_argument("--beam", type=int, help="beam size (1: greedy)")
+    tr.add_argument("--length-penalty", type=float, help="score = log-prob / length ** this")
+    tr.add_argument("--max-len-a", type=float, help="at most a * source length + b target tokens")
+    tr.add_argument("--max-len-b", type=int)
+    tr.add_argument("--batch-size", type=int, help="sentences decoded at once")
+    tr.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    tr.set_defaults(func=_translate)
+
+    avg = sub.add_parser(
+        "average", help="average the weights of a run's last K checkpoints (as fairseq's recipes do)",
+        description="Consolidate each of the run's last K complete checkpoints to fp32 and write their element-wise "
+                    "mean as a weights-only checkpoint (model.safetensors + config.yaml), which `llm translate`, "
+                    "`llm export` and `llm generate` take like any checkpoint. Keep enough checkpoints with "
+                    "train.keep_last.",
+        epilog="example: llm average runs/demo_mt --last 3 --output runs/demo_mt/avg3")
+    avg.add_argument("run", help="a run folder (its checkpoints/ holds step-N folders)")
+    avg.add_argument("--last", type=int, default=5, help="how many of the latest checkpoints (default 5)")
+    avg.add_argument("--output", required=True, help="the folder to create")
+    avg.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    avg.set_defaults(func=_average)
     return parser
 
 

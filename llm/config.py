@@ -7,6 +7,10 @@ parsed as YAML scalars and checked the same way.
 
 The `model` section may also be a string: the name of a preset in `configs/model/` (e.g. `tiny`) or a path to a
 model YAML file, relative to the run config. A model preset file holds the `ModelConfig` fields at top level.
+
+`task` (top level) selects what is trained: `lm` (the decoder, `ModelConfig` and `DataConfig`) or `translation`
+(the encoder-decoder, `TranslationModelConfig` and `TranslationDataConfig`, plus the `decode` section for BLEU).
+The other sections are shared. A preset with encoder and decoder layer counts is a translation preset.
 """
 
 from __future__ import annotations
@@ -124,6 +128,88 @@ class DataConfig:
 
 
 @dataclass
+class TranslationModelConfig:
+    """Shape of an encoder-decoder translation model. Defaults are transformer-base."""
+
+    vocab_size: int = 37000  # joint source/target vocabulary (the paper's shared BPE vocabulary for WMT14 en-de)
+    d_model: int = 512
+    n_encoder_layers: int = 6
+    n_decoder_layers: int = 6
+    n_heads: int = 8
+    d_ff: int = 2048
+    dropout: float = 0.1  # residual dropout: each sub-layer's output and the embedding + position sums
+    activation: Literal["relu", "gelu"] = "relu"
+    norm: Literal["post", "pre"] = "post"
+    norm_eps: float = 1e-5
+    max_seq_len: int = 1024  # longest source or target (with EOS / BOS)
+    share_embeddings: bool = True
+    attention: Literal["auto", "flash", "sdpa", "eager"] = "auto"
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def check(self, source: str, prefix: str = "model") -> None:
+        for name in ("vocab_size", "d_model", "n_encoder_layers", "n_decoder_layers", "n_heads", "d_ff",
+                     "max_seq_len", "norm_eps"):
+            if getattr(self, name) <= 0:
+                _fail(source, f"{prefix}.{name}", getattr(self, name), "must be positive")
+        if self.d_model % self.n_heads:
+            _fail(source, f"{prefix}.n_heads", self.n_heads, f"must divide {prefix}.d_model = {self.d_model}")
+        if self.d_model % 2:
+            _fail(source, f"{prefix}.d_model", self.d_model, "must be even (sine and cosine encodings come in pairs)")
+        if not 0 <= self.dropout < 1:
+            _fail(source, f"{prefix}.dropout", self.dropout, "must be in [0, 1)")
+
+
+@dataclass
+class TranslationDataConfig:
+    """Where the packed sentence pairs are, how batches are made, and what BLEU is measured on."""
+
+    path: str = ""  # a folder written by data_prep.pack_translation
+    max_tokens: int = 4096  # per process per micro-batch: batch size * longest side, padding included
+    max_sentences: int | None = None  # optional cap on pairs per batch
+    seed: int = 1234
+    verify_checksums: bool = False
+    # BLEU during training (every train.eval_every): these files (one sentence per line, aligned), or else the
+    # first bleu_sentences pairs of the packed validation split, decoded back to text. 0 sentences: no BLEU.
+    bleu_source: str | None = None
+    bleu_reference: str | None = None
+    bleu_sentences: int = 200
+
+    def check(self, source: str, prefix: str = "data") -> None:
+        if self.max_tokens <= 0:
+            _fail(source, f"{prefix}.max_tokens", self.max_tokens, "must be positive")
+        if self.max_sentences is not None and self.max_sentences <= 0:
+            _fail(source, f"{prefix}.max_sentences", self.max_sentences, "must be positive (or null: no cap)")
+        if self.bleu_sentences < 0:
+            _fail(source, f"{prefix}.bleu_sentences", self.bleu_sentences, "must not be negative (0 disables)")
+        if (self.bleu_source is None) != (self.bleu_reference is None):
+            _fail(source, f"{prefix}.bleu_reference", self.bleu_reference,
+                  "bleu_source and bleu_reference go together (both files, or neither)")
+
+
+@dataclass
+class DecodeConfig:
+    """Beam search for translation (training-time BLEU, `llm translate`, the exported generation config)."""
+
+    beam_size: int = 5  # 1: greedy
+    length_penalty: float = 1.0  # 0: raw log-probability; > 0 favours longer translations
+    max_len_a: float = 1.2  # a target has at most max_len_a * source length + max_len_b tokens
+    max_len_b: int = 10
+    batch_size: int = 64  # sentences decoded at once
+    bleu_tokenize: str = "13a"  # sacreBLEU's tokenizer (13a: its default; zh, ja-mecab, intl, ...)
+
+    def check(self, source: str, prefix: str = "decode") -> None:
+        for name in ("beam_size", "batch_size"):
+            if getattr(self, name) <= 0:
+                _fail(source, f"{prefix}.{name}", getattr(self, name), "must be positive")
+        for name in ("length_penalty", "max_len_a", "max_len_b"):
+            if getattr(self, name) < 0:
+                _fail(source, f"{prefix}.{name}", getattr(self, name), "must not be negative")
+
+
+@dataclass
 class OptimConfig:
     """AdamW and the learning-rate schedule."""
 
@@ -173,6 +259,7 @@ class TrainConfig:
     save_every: int = 0  # 0: save only at the end and on a signal
     keep_last: int = 3
     peak_tflops: float | None = None  # per-device peak for MFU; None: from the known-GPU table
+    label_smoothing: float | None = None  # None: 0.1 for translation (as the paper), 0 for lm
 
     def check(self, source: str, prefix: str = "train") -> None:
         for name in ("steps", "micro_batch_size", "grad_accum", "log_every", "eval_batches", "keep_last"):
@@ -185,23 +272,48 @@ class TrainConfig:
             _fail(source, f"{prefix}.offload", self.offload, "CPU offload needs train.zero_stage = 3")
         if self.peak_tflops is not None and self.peak_tflops <= 0:
             _fail(source, f"{prefix}.peak_tflops", self.peak_tflops, "must be positive")
+        if self.label_smoothing is not None and not 0 <= self.label_smoothing < 1:
+            _fail(source, f"{prefix}.label_smoothing", self.label_smoothing, "must be in [0, 1)")
+
+
+TASKS = ("lm", "translation")
+# The model and data sections of each task; the other sections are shared.
+TASK_SECTIONS: dict[str, dict[str, type]] = {
+    "lm": {"model": ModelConfig, "data": DataConfig},
+    "translation": {"model": TranslationModelConfig, "data": TranslationDataConfig},
+}
 
 
 @dataclass
 class RunConfig:
     """A whole run: every component's config. `source` is the file it was read from (for error messages)."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    task: Literal["lm", "translation"] = "lm"
+    model: ModelConfig | TranslationModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig | TranslationDataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)  # translation only
+
+    @property
+    def label_smoothing(self) -> float:
+        if self.train.label_smoothing is not None:
+            return self.train.label_smoothing
+        return 0.1 if self.task == "translation" else 0.0
 
     def check(self, source: str) -> None:
+        for name, cls in TASK_SECTIONS[self.task].items():
+            if not isinstance(getattr(self, name), cls):
+                _fail(source, name, type(getattr(self, name)).__name__,
+                      f"task {self.task!r} needs a {cls.__name__} section")
         self.model.check(source)
         self.data.check(source)
         self.optim.check(source)
         self.train.check(source)
-        if self.data.seq_len > self.model.max_seq_len:
+        self.decode.check(source)
+        if self.task == "translation" and self.train.init_from:
+            _fail(source, "train.init_from", self.train.init_from, "imports a Llama; translation runs start fresh")
+        if self.task == "lm" and self.data.seq_len > self.model.max_seq_len:
             _fail(source, "data.seq_len", self.data.seq_len,
                   f"exceeds model.max_seq_len = {self.model.max_seq_len}")
 
@@ -354,8 +466,15 @@ def _apply_override(data: dict, parts: list[str], value: Any) -> None:
     node[parts[-1]] = value
 
 
-def load_model_config(path: str | Path, overrides: list[str] = ()) -> ModelConfig:
-    """Load a model preset file (ModelConfig fields at top level), with `key=value` overrides."""
+def model_config_class(data: dict) -> type:
+    """The config class a model mapping describes: encoder and decoder layer counts make a translation model."""
+    if {"n_encoder_layers", "n_decoder_layers"} & set(data):
+        return TranslationModelConfig
+    return ModelConfig
+
+
+def load_model_config(path: str | Path, overrides: list[str] = ()) -> ModelConfig | TranslationModelConfig:
+    """Load a model preset file (the model config's fields at top level), with `key=value` overrides."""
     path = resolve_preset(str(path))
     data = _read_yaml(path)
     for text in overrides:
@@ -363,7 +482,7 @@ def load_model_config(path: str | Path, overrides: list[str] = ()) -> ModelConfi
         if parts[0] == "model":
             parts = parts[1:]
         _apply_override(data, parts, value)
-    cfg = build(ModelConfig, data, source=str(path), prefix="model")
+    cfg = build(model_config_class(data), data, source=str(path), prefix="model")
     cfg.check(str(path))
     return cfg
 
@@ -381,8 +500,10 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     source = str(path)
     sections = {f.name for f in dataclasses.fields(RunConfig)}
     if data and not (set(data) & sections):
-        # A model preset: train windows default to the model's full context.
-        data = {"model": data, "data": {"seq_len": data.get("max_seq_len", ModelConfig.max_seq_len)}}
+        if model_config_class(data) is TranslationModelConfig:
+            data = {"task": "translation", "model": data}
+        else:  # train windows default to the model's full context
+            data = {"model": data, "data": {"seq_len": data.get("max_seq_len", ModelConfig.max_seq_len)}}
     if isinstance(data.get("model"), str):
         preset = resolve_preset(data["model"], relative_to=path)
         data["model"] = _read_yaml(preset)
@@ -392,8 +513,17 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
             data["model"] = _read_yaml(resolve_preset(str(value)))
             continue
         _apply_override(data, parts, value)
+    if overrides:
+        source += " (with command-line overrides)"
+    task = _coerce(data.get("task", "lm"), Literal["lm", "translation"], "task", source)
+    for name, cls in TASK_SECTIONS[task].items():
+        section = data.get(name, {})
+        if name == "model" and isinstance(section, dict) and model_config_class(section) is not cls:
+            _fail(source, "task", task, f"the model section describes a {model_config_class(section).__name__}; "
+                                        f"set task: {'translation' if cls is ModelConfig else 'lm'}")
+        data[name] = build(cls, section, source=source, prefix=name)
     cfg = build(RunConfig, data, source=source)
-    cfg.check(source + (" (with command-line overrides)" if overrides else ""))
+    cfg.check(source)
     return cfg
 
 

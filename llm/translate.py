@@ -24,7 +24,11 @@ from pathlib import Path
 
 import torch
 
+from llm.config import DecodeConfig
 from llm.models.encoder_decoder import EncoderDecoder
+
+__all__ = ["DecodeConfig", "SpecialIds", "average_checkpoints", "beam_search", "evaluate_bleu", "generate",
+           "greedy_search", "translate", "translate_ids"]
 
 
 @dataclass(frozen=True)
@@ -44,14 +48,6 @@ class SpecialIds:
     @property
     def never_generated(self) -> list[int]:
         return [self.pad] + ([self.bos] if self.bos != self.eos else [])
-
-
-@dataclass
-class DecodeConfig:
-    beam_size: int = 5  # 1: greedy
-    length_penalty: float = 1.0  # 0: raw log-probability; > 0 favours longer translations
-    max_len_a: float = 1.2
-    max_len_b: int = 10
 
 
 @dataclass
@@ -256,18 +252,32 @@ class BleuResult:
         return {"bleu": self.bleu, "chrf": self.chrf}
 
 
+def score_translations(hypotheses: Sequence[str], references: Sequence[str], bleu_tokenize: str = "13a") -> BleuResult:
+    """Corpus BLEU and chrF of `hypotheses` against one reference each (sacreBLEU)."""
+    from sacrebleu.metrics import BLEU, CHRF
+
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} translations but {len(references)} references")
+    bleu, chrf = BLEU(tokenize=bleu_tokenize), CHRF()
+    refs = [list(references)]
+    b, c = bleu.corpus_score(list(hypotheses), refs), chrf.corpus_score(list(hypotheses), refs)
+    return BleuResult(b.score, c.score, str(bleu.get_signature()), str(chrf.get_signature()), list(hypotheses))
+
+
 def evaluate_bleu(model: EncoderDecoder, tokenizer, sources: Sequence[str], references: Sequence[str],
                   decode: DecodeConfig | None = None, batch_size: int = 64, bleu_tokenize: str = "13a") -> BleuResult:
     """Translate `sources` and score them against `references` with sacreBLEU: corpus BLEU and chrF."""
-    from sacrebleu.metrics import BLEU, CHRF
-
     if len(sources) != len(references):
         raise ValueError(f"{len(sources)} sources but {len(references)} references")
-    hypotheses = translate(model, tokenizer, sources, decode, batch_size)
-    bleu, chrf = BLEU(tokenize=bleu_tokenize), CHRF()
-    refs = [list(references)]
-    b, c = bleu.corpus_score(hypotheses, refs), chrf.corpus_score(hypotheses, refs)
-    return BleuResult(b.score, c.score, str(bleu.get_signature()), str(chrf.get_signature()), hypotheses)
+    return score_translations(translate(model, tokenizer, sources, decode, batch_size), references, bleu_tokenize)
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """One sentence per line (a source or reference file), surrounding whitespace stripped as in packing."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (expected one sentence per line)")
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 # ---- checkpoint averaging -------------------------------------------------------------------------------------
@@ -308,3 +318,25 @@ def average_checkpoints(step_dirs: Sequence[str | Path]) -> dict[str, torch.Tens
     if not step_dirs:
         raise ValueError("no checkpoints to average")
     return average_state_dicts(consolidated_state_dict(Path(d)) for d in step_dirs)
+
+
+# ---- loading -------------------------------------------------------------------------------------------------
+
+
+def load_translation_model(path: str | Path, device: str = "cpu"):
+    """(model in eval mode, fp32, on `device`; its LoadedTokenizer; the run config) from a translation run
+    folder, one of its checkpoints, or a weights-only checkpoint (`llm average`)."""
+    import dataclasses
+
+    from llm.checkpoint.consolidate import consolidated_state_dict, resolve_checkpoint, tokenizer_folder
+    from llm.config import load_config
+    from llm.data.tokenizer import load_tokenizer
+    from llm.models.encoder_decoder import build_translation_model
+
+    step_dir = resolve_checkpoint(path)
+    cfg = load_config(step_dir / "config.yaml")
+    if cfg.task != "translation":
+        raise ValueError(f"{step_dir}: a {cfg.task!r} checkpoint, not a translation model (use `llm generate`)")
+    model = build_translation_model(dataclasses.replace(cfg.model, attention="auto"))
+    model.load_state_dict(consolidated_state_dict(step_dir), strict=True)
+    return model.float().to(device).eval(), load_tokenizer(tokenizer_folder(cfg)), cfg

@@ -33,3 +33,35 @@ def packed_data(tmp_path_factory) -> Path:
     run("data_prep.pack_lm", "--input", corpus, "--tokenizer", str(out / "tok"), "--output", str(out / "packed"),
         "--val-fraction", "0.1", "--no-progress")
     return out / "packed"
+
+
+@pytest.fixture(scope="session")
+def packed_pairs(tmp_path_factory) -> Path:
+    """Parallel text (the toy word-for-word language pair of the pack_translation tests) packed by the real CLI."""
+    from tests.data_prep.test_pack_translation import make_pairs
+
+    out = tmp_path_factory.mktemp("pairs")
+    (out / "train.tsv").write_text("".join(f"{s}\t{t}\n" for s, t in make_pairs(2000, seed=7)))
+    subprocess.run([sys.executable, "-m", "data_prep.pack_translation", "--tsv", str(out / "train.tsv"),
+                    "--vocab-size", "300", "--val-fraction", "0.05", "--output", str(out / "packed")],
+                   check=True, capture_output=True, text=True, cwd=ROOT)
+    return out / "packed"
+
+
+@pytest.fixture(scope="session")
+def translation_run(packed_pairs, tmp_path_factory) -> Path:
+    """Two processes, ZeRO-2, 12 steps with a checkpoint every 4 and validation (loss, BLEU) at 6 and 12."""
+    from tests.helpers import run_train, write_translation_config
+
+    tmp = tmp_path_factory.mktemp("mt")
+    config = write_translation_config(tmp, packed_pairs, pair_vocab(packed_pairs), save_every=4, keep_last=3)
+    result = run_train(config, 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "llm train: translation, 2 process(es), ZeRO-2" in result.stdout
+    return tmp / "run"
+
+
+def pair_vocab(packed: Path) -> int:
+    import json
+
+    return json.loads((packed / "manifest.json").read_text())["tokenizer"]["vocab_size"]

@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -19,6 +20,24 @@ def write_config(tmp_path: Path, data: Path, **train) -> Path:
         "optim": {"lr": 3e-3, "warmup_steps": 3, "schedule": "cosine"},
         "train": {"output_dir": str(tmp_path / "run"), "steps": 12, "micro_batch_size": 4, "grad_accum": 2,
                   "log_every": 1, "eval_every": 0, "zero_stage": 2, **train},
+    }
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def write_translation_config(tmp_path: Path, data: Path, vocab_size: int, **train) -> Path:
+    """A tiny translation run (no dropout, so that runs on any number of processes compute the same thing)."""
+    cfg = {
+        "task": "translation",
+        "model": {"vocab_size": vocab_size, "d_model": 64, "n_encoder_layers": 2, "n_decoder_layers": 2,
+                  "n_heads": 4, "d_ff": 128, "dropout": 0.0, "max_seq_len": 64},
+        "data": {"path": str(data), "max_tokens": 384, "bleu_sentences": 24},
+        "optim": {"lr": 3e-3, "warmup_steps": 3, "schedule": "linear", "betas": [0.9, 0.98], "weight_decay": 0.0},
+        "train": {"output_dir": str(tmp_path / "run"), "steps": 12, "grad_accum": 1, "log_every": 1,
+                  "eval_every": 6, "eval_batches": 2, "zero_stage": 2, **train},
+        "decode": {"beam_size": 2},
     }
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "run.yaml"
@@ -59,3 +78,33 @@ def losses(run_dir: Path, split: str = "train") -> dict[int, float]:
         if record["split"] == split:
             out[record["step"]] = record["loss"]
     return out
+
+
+def wait_for(proc: subprocess.Popen, text: str, timeout: float = 240) -> str:
+    """Read the process's stdout until `text` appears; return what was read."""
+    seen, deadline = "", time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        seen += line
+        if text in line:
+            return seen
+    proc.kill()
+    raise AssertionError(f"{text!r} never appeared; output:\n{seen[-3000:]}")
+
+
+def start_train(config, overrides=(), **env_extra) -> subprocess.Popen:
+    return subprocess.Popen(train_command(config, 2, list(overrides)), cwd=ROOT, env=env(**env_extra),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """kill -9 the launcher and every worker (torchrun starts workers in sessions of their own)."""
+    import psutil
+
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in tree:
+        p.kill()
+    psutil.wait_procs(tree, timeout=60)
+    proc.wait(timeout=60)

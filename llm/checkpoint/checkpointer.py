@@ -34,7 +34,9 @@ from llm.config import RunConfig, save_config, to_dict
 
 STEP_RE = re.compile(r"^step-(\d{8})$")
 # Settings a resumed run may not change: they define the model and the data order.
-FROZEN = {"model": None, "data": ("datasets", "seq_len", "seed", "document_masking"), "train": ("seed",)}
+FROZEN = {"model": None, "train": ("seed",)}
+FROZEN_DATA = {"lm": ("datasets", "seq_len", "seed", "document_masking"),
+               "translation": ("path", "max_tokens", "max_sentences", "seed")}
 
 
 class CheckpointError(RuntimeError):
@@ -92,8 +94,10 @@ def set_rng_state(state: dict) -> None:
 def frozen_differences(saved: dict, cfg: RunConfig) -> list[str]:
     """Settings the resumed run changes but may not: `section.key: checkpoint has X, config has Y`."""
     now = to_dict(cfg)
+    if saved.get("task", "lm") != cfg.task:
+        return [f"task: checkpoint has {saved.get('task', 'lm')!r}, config has {cfg.task!r}"]
     diffs = []
-    for section, keys in FROZEN.items():
+    for section, keys in {**FROZEN, "data": FROZEN_DATA[cfg.task]}.items():
         for key in keys or now[section]:
             if section == "model" and key == "attention":
                 continue  # the backend does not change the weights

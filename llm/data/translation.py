@@ -21,12 +21,12 @@ Everything is right-padded.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from llm.config import TranslationDataConfig
 from llm.data.errors import DataError
 from llm.data.order import Permutation, derive_key
 from llm.data.shards import MANIFEST, PackedSplit, read_manifest
@@ -36,21 +36,12 @@ SIDES = ("src", "tgt")
 _PAIR_STREAM, _BATCH_STREAM = 0x7A1_0001, 0x7A1_0002  # keys of the tie order and of the batch order
 
 
-@dataclass
-class TranslationDataConfig:
-    """Where the packed pairs are and how batches are made (a `data` section for translation runs)."""
-
-    path: str = ""  # a folder written by data_prep.pack_translation
-    max_tokens: int = 4096  # per process per micro-batch: batch size * longest side, padding included
-    max_sentences: int | None = None  # optional cap on pairs per batch
-    seed: int = 1234
-    verify_checksums: bool = False
-
-
 class ParallelSplit:
     """One split of a packed translation dataset: lengths of all pairs, and the tokens of any pair."""
 
     def __init__(self, folder: str | Path, split: str = "train", verify_checksums: bool = False):
+        if not str(folder):
+            raise DataError("data.path is empty: name a folder written by data_prep.pack_translation")
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
         if self.manifest.get("task") != TASK:
@@ -117,13 +108,18 @@ def collate(pairs: list[tuple[np.ndarray, np.ndarray]], bos_id: int, pad_id: int
 class _Batches:
     """The batches of one split: sizes, sorted-order boundaries, and the pairs of batch i in epoch e."""
 
-    def __init__(self, cfg: TranslationDataConfig, split: str, shuffle: bool, max_positions: int | None):
+    def __init__(self, cfg: TranslationDataConfig, split: str, shuffle: bool, max_positions: int | None,
+                 vocab_size: int | None = None):
         if cfg.max_tokens <= 0 or (cfg.max_sentences is not None and cfg.max_sentences <= 0):
             raise ValueError(f"max_tokens and max_sentences must be positive, got {cfg.max_tokens}, "
                              f"{cfg.max_sentences}")
         self.cfg, self.shuffle = cfg, shuffle
         self.data = ParallelSplit(cfg.path, split, cfg.verify_checksums)
         d = self.data
+        tokenizer_vocab = d.manifest["tokenizer"]["vocab_size"]
+        if vocab_size is not None and tokenizer_vocab > vocab_size:
+            raise DataError(f"{d.folder / MANIFEST}: the tokenizer has {tokenizer_vocab} tokens, more than "
+                            f"model.vocab_size = {vocab_size}; set model.vocab_size to at least {tokenizer_vocab}")
         if d.num_pairs == 0:
             raise DataError(f"{d.folder / MANIFEST}: split {split!r} has no sentence pairs")
         sizes = np.maximum(d.src_lens, d.tgt_lens)  # a batch's padded size is count * longest side
@@ -168,11 +164,11 @@ class TranslationLoader:
     """Training batches for one rank: an endless iterator; `state_dict()` says where it stands."""
 
     def __init__(self, cfg: TranslationDataConfig, rank: int = 0, world_size: int = 1, *,
-                 max_positions: int | None = None, split: str = "train"):
+                 max_positions: int | None = None, vocab_size: int | None = None, split: str = "train"):
         if world_size <= 0 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
         self.rank, self.world_size = rank, world_size
-        self.batches = _Batches(cfg, split, shuffle=True, max_positions=max_positions)
+        self.batches = _Batches(cfg, split, shuffle=True, max_positions=max_positions, vocab_size=vocab_size)
         self.epoch, self.consumed = 0, 0
 
     @property
@@ -211,9 +207,9 @@ class TranslationValidationLoader:
     """
 
     def __init__(self, cfg: TranslationDataConfig, rank: int = 0, world_size: int = 1, *,
-                 max_positions: int | None = None, max_batches: int | None = None):
+                 max_positions: int | None = None, vocab_size: int | None = None, max_batches: int | None = None):
         self.rank, self.world_size = rank, world_size
-        self.batches = _Batches(cfg, "val", shuffle=False, max_positions=max_positions)
+        self.batches = _Batches(cfg, "val", shuffle=False, max_positions=max_positions, vocab_size=vocab_size)
         rounds = self.batches.num_batches // world_size
         if rounds == 0:
             raise DataError(f"{cfg.path}: the validation split makes {self.batches.num_batches} batches, fewer than "

@@ -3,7 +3,8 @@
 One optimizer step = `grad_accum` micro-batches per process. DeepSpeed reduces gradients at the accumulation
 boundary; before the optimizer step, one small all-gather tells every rank each rank's loss and whether a stop
 signal arrived, so that a non-finite loss anywhere stops the run before the weights change, and every rank saves
-the same step when one of them is signalled.
+the same step when one of them is signalled. What differs between language modelling and translation (model,
+batches, loss, evaluation) is in `llm.engine.tasks`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import sys
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from llm.checkpoint import Checkpointer
 from llm.config import RunConfig, save_config
@@ -23,7 +23,7 @@ from llm.engine.distributed import make_accelerator, print0
 from llm.engine.metrics import Metrics, device_peak_tflops
 from llm.engine.optim import build_optimizer, lr_factor, set_lr
 from llm.engine.signals import PREEMPTED_EXIT_CODE, StopFlag, clear_preempted_marker, write_preempted_marker
-from llm.models import build_model
+from llm.engine.tasks import make_task
 
 
 class NonFiniteLoss(RuntimeError):
@@ -46,32 +46,6 @@ def apply_activation_checkpointing(model: torch.nn.Module) -> None:
         block.forward = lambda *args, _forward=forward, **kw: checkpoint(_forward, *args, use_reentrant=False, **kw)
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy in fp32. logits (B, T, V), labels (B, T)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
-
-
-def forward_loss(engine, batch: dict, device: torch.device) -> torch.Tensor:
-    inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "position_ids", "cu_seqlens")
-              if k in batch}
-    logits = engine(**inputs, max_seqlen=batch.get("max_seqlen"))
-    return lm_loss(logits, batch["labels"].to(device, non_blocking=True))
-
-
-@torch.no_grad()
-def evaluate(engine, val_loader, accelerator) -> dict:
-    """Mean validation loss and perplexity over the validation loader's batches (the same ones every time, and
-    as many on every rank, which ZeRO-3's collective forward needs)."""
-    engine.eval()
-    total, count = torch.zeros((), device=accelerator.device), 0
-    for batch in val_loader:
-        total += forward_loss(engine, batch, accelerator.device).float()
-        count += 1
-    engine.train()
-    loss = accelerator.reduce(total / max(count, 1), reduction="mean").item()
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
-
-
 def _grad_norm(engine) -> float | None:
     """Global gradient norm of this step. DeepSpeed reports it, except for ZeRO-0 in fp32 where it clips
     without keeping the norm: then the (already all-reduced) gradients are measured before the step."""
@@ -92,19 +66,19 @@ def init_from_hf(model: torch.nn.Module, cfg: RunConfig) -> None:
 
 
 def train(cfg: RunConfig, config_path: str = "") -> int:
-    from llm.data.loader import build_train_loader, build_val_loader
-
     accelerator, precision = make_accelerator(cfg.train, cfg.optim.grad_clip)
     rank, world = accelerator.process_index, accelerator.num_processes
     out = cfg.train.output_dir
-    print0(f"llm train: {world} process(es), ZeRO-{cfg.train.zero_stage}, {precision}, "
+    print0(f"llm train: {cfg.task}, {world} process(es), ZeRO-{cfg.train.zero_stage}, {precision}, "
            f"device {accelerator.device}, output {out}")
     seed_everything(cfg.train.seed)
 
-    model = build_model(cfg.model)
+    task = make_task(cfg)
+    train_loader, val_loader = task.loaders(rank, world)  # first: bad data fails before the model is built
+    model = task.build_model()
     if cfg.train.init_from:
         init_from_hf(model, cfg)
-    flops_per_token = model.flops_per_token(cfg.data.seq_len)
+    flops_per_token, flops_at = task.flops_per_token(model)
     n_params = model.num_params()
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)
@@ -113,11 +87,6 @@ def train(cfg: RunConfig, config_path: str = "") -> int:
             block.compile()
     optimizer = build_optimizer(model, cfg.optim, offload=cfg.train.offload)
     engine, optimizer = accelerator.prepare(model, optimizer)
-
-    train_loader = build_train_loader(cfg.data, cfg.train.micro_batch_size, rank, world,
-                                      vocab_size=cfg.model.vocab_size)
-    val_loader = build_val_loader(cfg.data, cfg.train.micro_batch_size, rank, world, vocab_size=cfg.model.vocab_size,
-                                  max_batches=cfg.train.eval_batches) if cfg.train.eval_every else None
 
     checkpointer = Checkpointer(out, accelerator, cfg.train.keep_last)
     checkpointer.remove_unfinished()
@@ -133,10 +102,8 @@ def train(cfg: RunConfig, config_path: str = "") -> int:
     if accelerator.is_main_process:
         os.makedirs(out, exist_ok=True)
         save_config(cfg, os.path.join(out, "config.yaml"))
-    print0(f"model: {n_params:,} parameters, {flops_per_token:.3e} training FLOPs/token at seq_len "
-           f"{cfg.data.seq_len}")
+    print0(f"model: {n_params:,} parameters, {flops_per_token:.3e} training FLOPs/token {flops_at}")
 
-    tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * world * cfg.data.seq_len
     metrics = Metrics(out, cfg.train.steps, step, flops_per_token,
                       device_peak_tflops(precision, cfg.train.peak_tflops), world)
     metrics.reset_clock(tokens)
@@ -156,8 +123,9 @@ def train(cfg: RunConfig, config_path: str = "") -> int:
             lr = cfg.optim.lr * lr_factor(step, cfg.train.steps, cfg.optim)
             set_lr(optimizer, lr)
             loss_sum = torch.zeros((), device=accelerator.device)
-            for micro in range(cfg.train.grad_accum):
-                loss = forward_loss(engine, next(batches), accelerator.device)
+            micro_batches, step_tokens = task.next_step(batches, accelerator)
+            for micro, batch in enumerate(micro_batches):
+                loss = task.loss(engine, batch, accelerator.device, step_tokens)
                 engine.backward(loss)
                 if micro < cfg.train.grad_accum - 1:
                     engine.step()  # not a boundary: DeepSpeed only counts the micro-step
@@ -173,7 +141,7 @@ def train(cfg: RunConfig, config_path: str = "") -> int:
             norm = _grad_norm(engine)
             engine.step()  # the boundary: clip, optimizer step
             step += 1
-            tokens += tokens_per_step
+            tokens += step_tokens
             metrics.advance()
 
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
@@ -182,7 +150,7 @@ def train(cfg: RunConfig, config_path: str = "") -> int:
                     norm = float(ds_norm) if ds_norm is not None else float("nan")
                 metrics.log(step, tokens, {"loss": gathered[:, 0].mean().item(), "grad_norm": norm, "lr": lr})
             if val_loader is not None and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
-                metrics.log_eval(step, evaluate(engine, val_loader, accelerator))
+                metrics.log_eval(step, task.evaluate(engine, val_loader, accelerator))
                 metrics.reset_clock(tokens)  # keep evaluation time out of tokens/s
             signalled = gathered[:, 1].sum().item() > 0
             if signalled or (cfg.train.save_every and step % cfg.train.save_every == 0) or step == cfg.train.steps:

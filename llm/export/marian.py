@@ -281,3 +281,18 @@ def export_marian(model: EncoderDecoder, tokenizer, out_dir: str | Path, *, sour
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, dtype: str = "fp32", check: bool = True,
+                      overwrite: bool = False, n_sources: int = 8) -> dict | None:
+    """Export a translation run's checkpoint (or a weights-only one from `llm average`): verified on the first
+    `n_sources` source sentences of its validation split, with the run's `decode` settings as generation defaults."""
+    from llm.data.translation import ParallelSplit
+    from llm.translate import load_translation_model
+
+    model, tokenizer, cfg = load_translation_model(checkpoint)
+    val = ParallelSplit(cfg.data.path, "val")
+    n = min(n_sources, val.num_pairs)
+    sources = tokenizer.tokenizer.decode_batch([val.pair(k)[0][:-1].tolist() for k in range(n)])
+    return export_marian(model, tokenizer, out_dir, sources=sources or None, decode=cfg.decode, dtype=dtype,
+                         check=check, overwrite=overwrite)

@@ -33,65 +33,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llm.attention import get_attention
-from llm.config import ConfigError
+from llm.config import ConfigError, TranslationModelConfig
 
 from .kv_cache import KVCache
 
 
-@dataclass
-class TranslationModelConfig:
-    """Shape of an encoder-decoder translation model. Defaults are transformer-base."""
-
-    vocab_size: int = 37000  # joint source/target vocabulary (the paper's shared BPE vocabulary for WMT14 en-de)
-    d_model: int = 512
-    n_encoder_layers: int = 6
-    n_decoder_layers: int = 6
-    n_heads: int = 8
-    d_ff: int = 2048
-    dropout: float = 0.1  # residual dropout: each sub-layer's output and the embedding + position sums
-    activation: Literal["relu", "gelu"] = "relu"
-    norm: Literal["post", "pre"] = "post"
-    norm_eps: float = 1e-5
-    max_seq_len: int = 1024  # longest source or target (with EOS / BOS)
-    share_embeddings: bool = True
-    attention: Literal["auto", "flash", "sdpa", "eager"] = "auto"
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
-    def check(self, source: str, prefix: str = "model") -> None:
-        def fail(name: str, reason: str):
-            raise ConfigError(f"{source}: {prefix}.{name} = {getattr(self, name)!r}: {reason}")
-
-        for name in ("vocab_size", "d_model", "n_encoder_layers", "n_decoder_layers", "n_heads", "d_ff",
-                     "max_seq_len", "norm_eps"):
-            if getattr(self, name) <= 0:
-                fail(name, "must be positive")
-        if self.d_model % self.n_heads:
-            fail("n_heads", f"must divide {prefix}.d_model = {self.d_model}")
-        if self.d_model % 2:
-            fail("d_model", "must be even (sine and cosine position encodings come in pairs)")
-        if not 0 <= self.dropout < 1:
-            fail("dropout", "must be in [0, 1)")
-
-
-# Named shapes. tiny: tests and CPU runs. transformer-base / -big: the paper's Table 3 (big: dropout 0.3, as for
-# its EN-DE model). A preset is data: any field can be overridden, e.g. vocab_size to the tokenizer's.
-PRESETS: dict[str, dict] = {
-    "tiny": dict(vocab_size=1000, d_model=64, n_encoder_layers=2, n_decoder_layers=2, n_heads=4, d_ff=128,
-                 max_seq_len=256),
-    "transformer-base": dict(d_model=512, n_encoder_layers=6, n_decoder_layers=6, n_heads=8, d_ff=2048, dropout=0.1),
-    "transformer-big": dict(d_model=1024, n_encoder_layers=6, n_decoder_layers=6, n_heads=16, d_ff=4096,
-                            dropout=0.3),
-}
-
-
 def translation_preset(name: str, **overrides) -> TranslationModelConfig:
-    """The preset called `name` with `overrides` applied, checked."""
-    if name not in PRESETS:
-        raise ConfigError(f"translation model preset {name!r} not found (one of: {', '.join(PRESETS)})")
-    cfg = dataclasses.replace(TranslationModelConfig(**PRESETS[name]), **overrides)
+    """A translation preset of configs/model/ (`transformer-tiny`, `-base`, `-big`; `tiny` for `transformer-tiny`)
+    with `overrides` applied, checked."""
+    from llm.config import PRESET_DIR, load_model_config
+
+    path = PRESET_DIR / f"transformer-{name}.yaml"
+    cfg = load_model_config(path if path.is_file() else name)
+    if not isinstance(cfg, TranslationModelConfig):
+        raise ConfigError(f"model preset {name!r} is not a translation model")
+    cfg = dataclasses.replace(cfg, **overrides)
     cfg.check(f"preset {name}")
     return cfg
 
@@ -322,6 +278,29 @@ class EncoderDecoder(nn.Module):
     def num_params(self) -> int:
         """Distinct parameters (a shared embedding counts once)."""
         return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs (forward + backward) per target token, for sources and targets of `seq_len` tokens.
+
+        6 FLOPs per matmul weight per token (2 forward, 4 backward): the encoder's weights run once per source
+        token, which here is once per target token; the output projection counts even when shared. Plus
+        `attention_flops_per_token`. With sources of another length than targets, scale accordingly: this is an
+        estimate for MFU, as the decoder's figure is.
+        """
+        matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        return 6 * matmul + self.attention_flops_per_token(seq_len)
+
+    def attention_flops_per_token(self, seq_len: int) -> float:
+        """Score matmuls (QK^T, PV: 2 * 2 * d_model FLOPs per attended key per layer, times 3 with the backward):
+        encoder self-attention and decoder cross-attention see all `seq_len` keys, causal decoder self-attention
+        (seq_len + 1) / 2 on average."""
+        cfg = self.cfg
+        keys = (cfg.n_encoder_layers + cfg.n_decoder_layers) * seq_len + cfg.n_decoder_layers * (seq_len + 1) / 2
+        return 12 * cfg.d_model * keys
+
+    def largest_layer_params(self) -> int:
+        """Parameters of the largest single module (what ZeRO-3 gathers at once in the worst case)."""
+        return max(sum(p.numel() for p in m.parameters(recurse=False)) for m in self.modules())
 
 
 def build_translation_model(cfg: TranslationModelConfig, device: str | torch.device | None = None) -> EncoderDecoder:

@@ -8,12 +8,11 @@ order, so their losses agree to a relative 1e-4 over 12 steps, not bit for bit.
 import json
 import signal
 import subprocess
-import time
 
 import pytest
 
 from llm.engine.signals import PREEMPTED_EXIT_CODE
-from tests.helpers import ROOT, env, losses, run_train, train_command, write_config
+from tests.helpers import ROOT, env, kill_tree, losses, run_train, start_train, train_command, wait_for, write_config
 
 
 @pytest.fixture(scope="module")
@@ -52,46 +51,16 @@ def test_zero_stage_on_two_processes_matches_one_process(packed_data, tmp_path, 
     assert (tmp_path / "run/loss.png").stat().st_size > 0
 
 
-def _wait_for(proc: subprocess.Popen, text: str, timeout: float = 240) -> str:
-    """Read the process's stdout until `text` appears; return what was read."""
-    seen, deadline = "", time.time() + timeout
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            break
-        seen += line
-        if text in line:
-            return seen
-    proc.kill()
-    raise AssertionError(f"{text!r} never appeared; output:\n{seen[-3000:]}")
-
-
-def _start(config, overrides=(), **env_extra) -> subprocess.Popen:
-    return subprocess.Popen(train_command(config, 2, list(overrides)), cwd=ROOT, env=env(**env_extra),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """kill -9 the launcher and every worker (torchrun starts workers in sessions of their own)."""
-    import psutil
-
-    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    for p in tree:
-        p.kill()
-    psutil.wait_procs(tree, timeout=60)
-    proc.wait(timeout=60)
-
-
 def test_resume_after_kill_reproduces_the_uninterrupted_run(packed_data, tmp_path):
     full = write_config(tmp_path / "full", packed_data, save_every=4)
     assert run_train(full, 2).returncode == 0
     expected = losses(tmp_path / "full/run")
 
     config = write_config(tmp_path / "killed", packed_data, save_every=4)
-    proc = _start(config)
-    _wait_for(proc, "saved checkpoint")  # step 4 is on disk
-    _wait_for(proc, "step 6/12")  # and training has gone on past it
-    _kill_tree(proc)  # kill -9, launcher and both ranks
+    proc = start_train(config)
+    wait_for(proc, "saved checkpoint")  # step 4 is on disk
+    wait_for(proc, "step 6/12")  # and training has gone on past it
+    kill_tree(proc)  # kill -9, launcher and both ranks
     result = run_train(config, 2)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout and "step-00000004 at step 4" in result.stdout
@@ -100,8 +69,8 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(packed_data, tmp_pat
 
 def test_sigterm_to_one_rank_saves_the_current_step_on_all_ranks(packed_data, tmp_path):
     config = write_config(tmp_path, packed_data, steps=100000)
-    proc = _start(config)
-    _wait_for(proc, "step 3/")
+    proc = start_train(config)
+    wait_for(proc, "step 3/")
     rank1 = _rank_pid(proc.pid, 1)
     import os
 
@@ -123,7 +92,7 @@ def test_sigterm_exit_code_of_a_single_process_run(packed_data, tmp_path):
     config = write_config(tmp_path, packed_data, steps=100000)
     proc = subprocess.Popen(train_command(config, 1), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    _wait_for(proc, "step 2/")
+    wait_for(proc, "step 2/")
     proc.send_signal(signal.SIGUSR1)
     proc.communicate(timeout=120)
     assert proc.returncode == PREEMPTED_EXIT_CODE

@@ -9,9 +9,8 @@ import torch.nn.functional as F
 
 from llm.attention import eager_attention, get_attention
 from llm.attention.flash import flash_module
-from llm.config import ConfigError
+from llm.config import ConfigError, load_config
 from llm.models.encoder_decoder import (
-    PRESETS,
     TranslationModelConfig,
     build_translation_model,
     label_smoothed_loss,
@@ -183,7 +182,8 @@ def test_preset_shapes_and_parameter_counts(preset, paper_millions):
     expected = V * d + L * (attn + ffn + 2 * norm) + L * (2 * attn + ffn + 3 * norm)
     assert model.num_params() == expected
     assert model.num_params() / 1e6 == pytest.approx(paper_millions, rel=0.04)  # the paper's Table 3 (rounded)
-    assert PRESETS[preset]["n_encoder_layers"] == PRESETS[preset]["n_decoder_layers"] == 6
+    assert cfg.n_encoder_layers == cfg.n_decoder_layers == 6
+    assert load_config(preset).task == "translation"  # a preset file is recognised as a translation model
 
 
 def test_config_errors_name_the_key():

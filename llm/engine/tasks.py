@@ -1,0 +1,200 @@
+"""What differs between training a language model and a translation model; the trainer loop is the same for both.
+
+A task builds the model and the loaders, cuts the batches of one optimizer step, gives the loss of a micro-batch
+and evaluates. The loss is scaled so that DeepSpeed's gradient averaging (over the `grad_accum` micro-batches and
+the processes) yields the gradient of the step's loss per target token:
+
+- lm: every micro-batch has the same number of tokens, so the mean over a micro-batch, averaged, is exact.
+- translation: batches are cut by token count and hold different numbers of target tokens. As fairseq, every
+  target token of the step weighs the same: the micro-batch's summed loss is divided by the step's global token
+  count (one small all-reduce before the step's first forward) and multiplied by what DeepSpeed divides by.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate.utils import gather_object
+
+from llm.config import RunConfig
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32. logits (B, T, V), labels (B, T)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), label_smoothing=label_smoothing)
+
+
+class LanguageModelling:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+
+    def build_model(self) -> torch.nn.Module:
+        from llm.models import build_model
+
+        return build_model(self.cfg.model)
+
+    def loaders(self, rank: int, world: int):
+        from llm.data.loader import build_train_loader, build_val_loader
+
+        cfg = self.cfg
+        train = build_train_loader(cfg.data, cfg.train.micro_batch_size, rank, world, vocab_size=cfg.model.vocab_size)
+        val = build_val_loader(cfg.data, cfg.train.micro_batch_size, rank, world, vocab_size=cfg.model.vocab_size,
+                               max_batches=cfg.train.eval_batches) if cfg.train.eval_every else None
+        return train, val
+
+    def flops_per_token(self, model) -> tuple[float, str]:
+        return model.flops_per_token(self.cfg.data.seq_len), f"at seq_len {self.cfg.data.seq_len}"
+
+    def next_step(self, batches: Iterator[dict], accelerator) -> tuple[list[dict], int]:
+        """The micro-batches of one optimizer step on this rank, and the step's tokens over all ranks."""
+        t = self.cfg.train
+        return ([next(batches) for _ in range(t.grad_accum)],
+                t.micro_batch_size * t.grad_accum * accelerator.num_processes * self.cfg.data.seq_len)
+
+    def _logits(self, engine, batch: dict, device: torch.device) -> torch.Tensor:
+        inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "position_ids", "cu_seqlens")
+                  if k in batch}
+        return engine(**inputs, max_seqlen=batch.get("max_seqlen"))
+
+    def loss(self, engine, batch: dict, device: torch.device, step_tokens: int) -> torch.Tensor:
+        labels = batch["labels"].to(device, non_blocking=True)
+        return lm_loss(self._logits(engine, batch, device), labels, self.cfg.label_smoothing)
+
+    @torch.no_grad()
+    def evaluate(self, engine, val_loader, accelerator) -> dict:
+        """Mean validation loss (no label smoothing) and perplexity over the validation loader's batches (the same
+        ones every time, and as many on every rank, which ZeRO-3's collective forward needs)."""
+        engine.eval()
+        total, count = torch.zeros((), device=accelerator.device), 0
+        for batch in val_loader:
+            labels = batch["labels"].to(accelerator.device)
+            total += lm_loss(self._logits(engine, batch, accelerator.device), labels).float()
+            count += 1
+        engine.train()
+        loss = accelerator.reduce(total / max(count, 1), reduction="mean").item()
+        return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
+
+
+class Translation:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.pad_id: int | None = None
+        self.world = 1
+        self._bleu_set: tuple[list[str], list[str]] | None = None
+
+    def build_model(self) -> torch.nn.Module:
+        from llm.models.encoder_decoder import build_translation_model
+
+        return build_translation_model(self.cfg.model)
+
+    def loaders(self, rank: int, world: int):
+        from llm.data.translation import TranslationLoader, TranslationValidationLoader
+
+        cfg = self.cfg
+        limits = dict(max_positions=cfg.model.max_seq_len, vocab_size=cfg.model.vocab_size)
+        train = TranslationLoader(cfg.data, rank, world, **limits)
+        self.world, self.pad_id = world, train.batches.data.pad_id
+        self.train_split = train.batches.data
+        val = TranslationValidationLoader(cfg.data, rank, world, max_batches=cfg.train.eval_batches,
+                                          **limits) if cfg.train.eval_every else None
+        return train, val
+
+    def flops_per_token(self, model) -> tuple[float, str]:
+        # Sentences, not windows: count at the mean target length of the training data.
+        length = max(1, round(float(np.mean(self.train_split.tgt_lens))))
+        return model.flops_per_token(length), f"(per target token, at the mean target length {length})"
+
+    def next_step(self, batches: Iterator[dict], accelerator) -> tuple[list[dict], int]:
+        micro = [next(batches) for _ in range(self.cfg.train.grad_accum)]
+        local = torch.tensor(float(sum(b["num_tokens"] for b in micro)), device=accelerator.device)
+        return micro, int(accelerator.reduce(local, reduction="sum").item())
+
+    def _logits(self, engine, batch: dict, device: torch.device) -> torch.Tensor:
+        # Right-padded targets: the causal mask alone keeps real positions off the padding (see encoder_decoder).
+        return engine(batch["src_ids"].to(device), batch["src_pad_mask"].to(device),
+                      batch["tgt_in_ids"].to(device), None)
+
+    def loss(self, engine, batch: dict, device: torch.device, step_tokens: int) -> torch.Tensor:
+        from llm.models.encoder_decoder import label_smoothed_loss
+
+        summed = label_smoothed_loss(self._logits(engine, batch, device), batch["labels"].to(device), self.pad_id,
+                                     self.cfg.label_smoothing, reduction="sum")
+        # DeepSpeed divides by grad_accum and averages over processes: undo both, divide by the step's tokens.
+        scale = self.cfg.train.grad_accum * self.world / max(step_tokens, 1)
+        return summed * scale
+
+    @torch.no_grad()
+    def evaluate(self, engine, val_loader, accelerator) -> dict:
+        """Validation loss per target token (no label smoothing) and perplexity; then BLEU and chrF of beam
+        search on the BLEU sentences (data.bleu_source/bleu_reference, or the start of the validation split)."""
+        from llm.models.encoder_decoder import label_smoothed_loss
+
+        engine.eval()
+        sums = torch.zeros(2, device=accelerator.device, dtype=torch.float64)  # [summed loss, target tokens]
+        for batch in val_loader:
+            logits = self._logits(engine, batch, accelerator.device)
+            sums[0] += label_smoothed_loss(logits, batch["labels"].to(accelerator.device), self.pad_id, 0.0,
+                                           reduction="sum").double()
+            sums[1] += batch["num_tokens"]
+        engine.train()
+        sums = accelerator.reduce(sums, reduction="sum")
+        loss = (sums[0] / sums[1].clamp(min=1)).item()
+        result = {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
+        if self.cfg.data.bleu_sentences:
+            result |= self.bleu(engine, accelerator)
+        return result
+
+    def bleu_set(self) -> tuple[list[str], list[str]]:
+        """(sources, references) of the training-time BLEU, read once."""
+        if self._bleu_set is None:
+            d, n = self.cfg.data, self.cfg.data.bleu_sentences
+            if d.bleu_source:
+                from llm.translate import read_lines
+
+                sources, references = read_lines(d.bleu_source), read_lines(d.bleu_reference)
+                if len(sources) != len(references):
+                    raise ValueError(f"data.bleu_source {d.bleu_source} has {len(sources)} lines, "
+                                     f"data.bleu_reference {d.bleu_reference} {len(references)}")
+                self._bleu_set = sources[:n], references[:n]
+            else:
+                from llm.data.translation import ParallelSplit
+
+                val = ParallelSplit(d.path, "val")
+                tok = self.tokenizer()
+                pairs = [val.pair(k) for k in range(min(n, val.num_pairs))]
+                decode = tok.tokenizer.decode_batch
+                self._bleu_set = (decode([s[:-1].tolist() for s, _ in pairs], skip_special_tokens=True),
+                                  decode([t[:-1].tolist() for _, t in pairs], skip_special_tokens=True))
+        return self._bleu_set
+
+    def tokenizer(self):
+        from llm.data.tokenizer import load_tokenizer
+
+        return load_tokenizer(self.cfg.data.path)
+
+    def bleu(self, engine, accelerator) -> dict:
+        """Under ZeRO-0/1/2 each process translates its share of the sentences; under ZeRO-3 every forward is a
+        collective (parameters are gathered per layer), so every process translates all of them alike."""
+        from llm.translate import score_translations, translate
+
+        sources, references = self.bleu_set()
+        rank, world = accelerator.process_index, accelerator.num_processes
+        sharded = engine.zero_optimization_stage() < 3
+        mine = list(range(rank, len(sources), world)) if sharded else list(range(len(sources)))
+        model, decode = engine.module, self.cfg.decode
+        hypotheses = translate(model, self.tokenizer(), [sources[i] for i in mine], decode, decode.batch_size)
+        if sharded:
+            by_index = dict(gather_object(list(zip(mine, hypotheses, strict=True))))
+            hypotheses = [by_index[i] for i in range(len(sources))]
+        return score_translations(hypotheses, references, decode.bleu_tokenize).metrics()
+
+
+TASKS = {"lm": LanguageModelling, "translation": Translation}
+
+
+def make_task(cfg: RunConfig):
+    return TASKS[cfg.task](cfg)
