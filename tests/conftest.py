@@ -50,11 +50,11 @@ def packed_pairs(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def translation_run(packed_pairs, tmp_path_factory) -> Path:
-    """Two processes, ZeRO-2, 12 steps with a checkpoint every 4 and validation (loss, BLEU) at 6 and 12."""
+    """Two processes, ZeRO-2, 24 steps with a checkpoint every 8 and validation (loss, BLEU) at 12 and 24."""
     from tests.helpers import run_train, write_translation_config
 
     tmp = tmp_path_factory.mktemp("mt")
-    config = write_translation_config(tmp, packed_pairs, pair_vocab(packed_pairs), save_every=4, keep_last=3)
+    config = write_translation_config(tmp, packed_pairs, pair_vocab(packed_pairs), save_every=8, keep_last=3)
     result = run_train(config, 2)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "llm train: translation, 2 process(es), ZeRO-2" in result.stdout

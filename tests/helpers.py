@@ -34,9 +34,9 @@ def write_translation_config(tmp_path: Path, data: Path, vocab_size: int, **trai
         "model": {"vocab_size": vocab_size, "d_model": 64, "n_encoder_layers": 2, "n_decoder_layers": 2,
                   "n_heads": 4, "d_ff": 128, "dropout": 0.0, "max_seq_len": 64},
         "data": {"path": str(data), "max_tokens": 384, "bleu_sentences": 24},
-        "optim": {"lr": 3e-3, "warmup_steps": 3, "schedule": "linear", "betas": [0.9, 0.98], "weight_decay": 0.0},
-        "train": {"output_dir": str(tmp_path / "run"), "steps": 12, "grad_accum": 1, "log_every": 1,
-                  "eval_every": 6, "eval_batches": 2, "zero_stage": 2, **train},
+        "optim": {"lr": 5e-3, "warmup_steps": 6, "schedule": "linear", "betas": [0.9, 0.98], "weight_decay": 0.0},
+        "train": {"output_dir": str(tmp_path / "run"), "steps": 24, "grad_accum": 1, "log_every": 1,
+                  "eval_every": 12, "eval_batches": 2, "zero_stage": 2, **train},
         "decode": {"beam_size": 2},
     }
     tmp_path.mkdir(parents=True, exist_ok=True)

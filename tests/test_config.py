@@ -89,3 +89,31 @@ def test_model_config_derived_sizes():
     assert cfg.kv_heads == 32 and cfg.head_dim == 128
     assert cfg.ffn_hidden == 11008  # Llama's rule: 8/3 * 4096 rounded up to a multiple of 256
     assert load_model_config("tiny", ["n_layers=1"]).n_layers == 1
+
+
+def test_translation_run_config(tmp_path):
+    path = write(tmp_path, {"task": "translation", "model": "transformer-base", "data": {"path": "data/pairs"},
+                            "decode": {"beam_size": 4}})
+    cfg = load_config(path, ["model.vocab_size=8000", "data.max_tokens=2048"])
+    assert cfg.model.n_encoder_layers == 6 and cfg.model.vocab_size == 8000 and cfg.data.max_tokens == 2048
+    assert cfg.decode.beam_size == 4 and cfg.label_smoothing == 0.1
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == cfg
+    assert RunConfig().label_smoothing == 0.0  # lm default
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"task": "translation", "model": "tiny"}, "task = 'translation': the model section describes a ModelConfig"),
+    ({"model": "transformer-tiny"}, "task = 'lm': the model section describes a TranslationModelConfig; set task: "
+                                    "translation"),
+    ({"task": "mt"}, "task = 'mt': expected one of 'lm', 'translation'"),
+    ({"task": "translation", "model": "transformer-tiny", "data": {"seq_len": 5}}, "unknown key 'data.seq_len'"),
+    ({"task": "translation", "model": "transformer-tiny", "data": {"bleu_source": "a.txt"}},
+     "bleu_source and bleu_reference go together"),
+    ({"task": "translation", "model": "transformer-tiny", "decode": {"beam_size": 0}}, "decode.beam_size = 0"),
+    ({"task": "translation", "model": "transformer-tiny", "train": {"init_from": "hf/llama"}}, "train.init_from"),
+    ({"model": "tiny", "train": {"label_smoothing": 1.0}}, "train.label_smoothing = 1.0: must be in"),
+])
+def test_translation_config_errors_name_the_key(tmp_path, data, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(write(tmp_path, data))

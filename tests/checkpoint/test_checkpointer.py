@@ -52,3 +52,17 @@ def test_frozen_differences_name_the_keys():
     cfg.train.steps = 99  # allowed: a run may be extended
     diffs = frozen_differences(saved, cfg)
     assert diffs == ["model.n_layers: checkpoint has 4, config has 8", "data.seed: checkpoint has 1234, config has 7"]
+
+
+def test_frozen_differences_of_a_translation_run():
+    from llm.config import TranslationDataConfig
+
+    cfg = RunConfig(task="translation", model=load_model_config("transformer-tiny"),
+                    data=TranslationDataConfig(path="data/pairs"))
+    saved = to_dict(cfg)
+    cfg.data.max_tokens = 1000  # changes the batches, so the loader state would point elsewhere
+    cfg.data.bleu_sentences = 10  # allowed: evaluation only
+    cfg.decode.beam_size = 2
+    assert frozen_differences(saved, cfg) == ["data.max_tokens: checkpoint has 4096, config has 1000"]
+    assert frozen_differences(to_dict(RunConfig(model=load_model_config("tiny"))), cfg) == [
+        "task: checkpoint has 'lm', config has 'translation'"]
