@@ -11,14 +11,13 @@ A weights-only checkpoint (`llm average` writes one) is a folder with `model.saf
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from llm.checkpoint.checkpointer import Checkpointer
 from llm.checkpoint.safety import vet_deepspeed_folder
+from llm.checkpoint.staging import staged_folder
 from llm.config import RunConfig, save_config
 
 WEIGHTS = "model.safetensors"
@@ -90,19 +89,11 @@ def write_weights_checkpoint(state: dict[str, torch.Tensor], cfg: RunConfig, out
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass --overwrite to replace it")
-    tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_folder(out_dir) as tmp:
         # Shared (tied) tensors are written once per name: safetensors refuses aliases.
         save_file({k: v.float().contiguous().clone() for k, v in state.items()}, tmp / WEIGHTS)
         save_config(cfg, tmp / "config.yaml")
         (tmp / "checkpoint.json").write_text(json.dumps(info, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

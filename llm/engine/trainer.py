@@ -167,6 +167,9 @@ def train(cfg: RunConfig, config_path: str = "") -> int:
     finally:
         stop.restore()
         metrics.close()
+        # Take the process group down before the interpreter exits: left to interpreter teardown, gloo's threads
+        # can abort a worker ("terminate called without an active exception") after all its work is done.
+        accelerator.end_training()
     print0(f"done: {step} steps; checkpoint {checkpointer.latest()}")
     return 0
 

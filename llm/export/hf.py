@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 import yaml
 
+from llm.checkpoint.staging import staged_folder
 from llm.config import ModelConfig, RunConfig, load_config
 from llm.export.llama import AdapterError, from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict
 from llm.generate import Sampling, generate
@@ -147,9 +146,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32", che
         raise AdapterError(f"{tok_dir}: the tokenizer has {len(tokenizer)} tokens, the model {cfg.model.vocab_size}")
     ids = {f"{role}_token_id": getattr(tokenizer, f"{role}_token_id") for role in ("bos", "eos", "pad")}
 
-    tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with staged_folder(out_dir) as tmp:
         hf_cfg = LlamaConfig(**to_hf_config(cfg.model, **ids))
         hf = LlamaForCausalLM(hf_cfg)
         missing, unexpected = hf.load_state_dict(to_hf_state_dict(model.state_dict(), cfg.model), strict=False)
@@ -171,9 +168,4 @@ def export(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32", che
         (tmp / "README.md").write_text(_model_card(cfg, step_dir, manifest, report, dtype))
         (tmp / "llm_export.json").write_text(json.dumps({"checkpoint": str(step_dir), "dtype": dtype,
                                                          "verification": report}, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return report

@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from llm.checkpoint.staging import staged_folder
 from llm.export.llama import AdapterError
 from llm.models.encoder_decoder import EncoderDecoder, TranslationModelConfig
 from llm.translate import DecodeConfig, SpecialIds, encode_sources, greedy_search, max_lengths, pad_batch
@@ -251,9 +250,7 @@ def export_marian(model: EncoderDecoder, tokenizer, out_dir: str | Path, *, sour
     ours = EncoderDecoder(dataclasses.replace(cfg, attention="eager")).eval()
     ours.load_state_dict({k: v.to(DTYPES[dtype]).float() for k, v in model.state_dict().items()})
 
-    tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with staged_folder(out_dir) as tmp:
         hf = MarianMTModel(MarianConfig(**to_marian_config(cfg, ids)))
         missing, unexpected = hf.load_state_dict(to_marian_state_dict(ours.state_dict(), cfg), strict=False)
         allowed = {"model.encoder.embed_positions.weight", "model.decoder.embed_positions.weight"}
@@ -275,11 +272,6 @@ def export_marian(model: EncoderDecoder, tokenizer, out_dir: str | Path, *, sour
                 f"the exported model does not reproduce ours (tolerance {LOGITS_TOL}, tokenizer equal "
                 f"{report['tokenizer_equal']}); nothing was written:\n" + "\n".join(lines))
         (tmp / "llm_export.json").write_text(json.dumps({"dtype": dtype, "verification": report}, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return report
 
 
