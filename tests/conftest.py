@@ -57,7 +57,7 @@ def translation_run(packed_pairs, tmp_path_factory) -> Path:
     config = write_translation_config(tmp, packed_pairs, pair_vocab(packed_pairs), save_every=8, keep_last=3)
     result = run_train(config, 2)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "llm train: translation, 2 process(es), ZeRO-2" in result.stdout
+    assert "llm train: 2 process(es), ZeRO-2" in result.stdout and "task translation" in result.stdout
     return tmp / "run"
 
 

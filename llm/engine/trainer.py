@@ -69,8 +69,8 @@ def train(cfg: RunConfig, config_path: str = "") -> int:
     accelerator, precision = make_accelerator(cfg.train, cfg.optim.grad_clip)
     rank, world = accelerator.process_index, accelerator.num_processes
     out = cfg.train.output_dir
-    print0(f"llm train: {cfg.task}, {world} process(es), ZeRO-{cfg.train.zero_stage}, {precision}, "
-           f"device {accelerator.device}, output {out}")
+    print0(f"llm train: {world} process(es), ZeRO-{cfg.train.zero_stage}, {precision}, "
+           f"device {accelerator.device}, task {cfg.task}, output {out}")
     seed_everything(cfg.train.seed)
 
     task = make_task(cfg)
