@@ -69,17 +69,29 @@ def reverse_words(sentence: str) -> str:
     return " ".join(reversed(sentence.split()))
 
 
+def write_atomic(path: Path, lines) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # a crash leaves no half-written output
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.writelines(lines)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m data_prep.demo_pairs", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default=DEFAULT_OUTPUT, help="TSV file to write (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     p.add_argument("--pairs", type=int, default=20000, help="pairs to write, at most (default: %(default)s)")
+    p.add_argument("--test-pairs", type=int, default=200,
+                   help="sentences held out (not in --output) as OUTPUT.test.src / .test.ref (default: %(default)s)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the sample of sentences (default: %(default)s)")
     p.add_argument("--min-words", type=int, default=3, help="shortest source, in words (default: %(default)s)")
     p.add_argument("--max-words", type=int, default=16, help="longest source, in words (default: %(default)s)")
     args = p.parse_args(argv)
-    if args.pairs <= 0 or not 1 <= args.min_words <= args.max_words:
+    if args.pairs <= 0 or args.test_pairs < 0 or not 1 <= args.min_words <= args.max_words:
         raise DataError(f"need --pairs > 0 and 1 <= --min-words <= --max-words, got {args.pairs}, "
                         f"{args.min_words}, {args.max_words}")
     out = Path(args.output)
@@ -90,15 +102,16 @@ def main(argv: list[str] | None = None) -> int:
     found = candidates(files, args.min_words, args.max_words)
     if not found:
         raise DataError(f"no sentence of {args.min_words}..{args.max_words} words in {len(files)} files")
-    sentences = random.Random(args.seed).sample(list(found), min(args.pairs, len(found)))
+    # One sample, its first --test-pairs held out: test sentences never occur in the training pairs.
+    chosen = random.Random(args.seed).sample(list(found), min(args.pairs + args.test_pairs, len(found)))
+    test, sentences = chosen[:args.test_pairs], chosen[args.test_pairs:]
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # a crash leaves no half-written output
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.writelines(f"{s}\t{reverse_words(s)}\n" for s in sentences)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(out, (f"{s}\t{reverse_words(s)}\n" for s in sentences))
+    if test:
+        src, ref = out.with_suffix(".test.src"), out.with_suffix(".test.ref")
+        write_atomic(src, (s + "\n" for s in test))
+        write_atomic(ref, (reverse_words(s) + "\n" for s in test))
+        print(f"held out {len(test):,} other sentences as a test set: {src}, {ref}")
     used = len({found[s] for s in sentences})
     short = f" (all there are; asked for {args.pairs:,})" if len(sentences) < args.pairs else ""
     print(f"wrote {out}: {len(sentences):,} pairs{short} from {used:,} of {len(files):,} standard-library files "

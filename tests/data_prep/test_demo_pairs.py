@@ -72,3 +72,11 @@ def test_pack_translation_packs_it(tmp_path, demo):
     stats = json.loads((packed / "manifest.json").read_text())["stats"]
     assert stats["pairs_read"] == 2000 and stats["malformed"] == stats["empty"] == 0
     assert stats["train_pairs"] + stats["val_pairs"] > 0.9 * 2000  # the length-ratio filter may drop a few
+
+
+def test_held_out_test_sentences_are_not_in_the_training_pairs(demo):
+    sources = demo.with_suffix(".test.src").read_text(encoding="utf-8").splitlines()
+    references = demo.with_suffix(".test.ref").read_text(encoding="utf-8").splitlines()
+    assert len(sources) == len(references) == 200
+    assert references == [" ".join(reversed(s.split())) for s in sources]
+    assert not set(sources) & {s for s, _ in read_pairs(demo)}
