@@ -12,10 +12,12 @@ clip 1.0, label-smoothed cross-entropy (eps 0.1, `label_smoothed_loss`) on both 
 the same torch seed before each model is built (Marian keeps its own initialisation unless --marian-init ours).
 
 Data: `data_prep.demo_pairs` (English sentences from the stdlib's comments -> the same words reversed: no
-download), packed by `data_prep.pack_translation` with a joint BPE. Throughput: target tokens (no padding) / time
-of the steps after --warmup; median of the repeats. Quality: BLEU and chrF (sacreBLEU) on held-out pairs (the packed
+download), packed by `data_prep.pack_translation` with a joint BPE. Throughput: target tokens (no padding) per
+second of one optimizer step, the median over the steps after --warmup (robust to bursts of other work on a shared
+machine; the rate over all those steps together and the CPU other processes used are printed too), then the median
+of the repeats. Quality: BLEU and chrF (sacreBLEU, `llm.translate.score_translations`) on held-out pairs (the packed
 validation split) of the first repeat's models, beam search with the same beam size and the same maximum length
-for both (ours: `llm.translate.evaluate_bleu`; Marian: `generate` with the exporter's settings).
+for both (ours: `llm.translate`; Marian: `generate` with the settings `llm.export.marian` exports).
 
     python bench/translation.py                                 # d 256, 3+3 layers, 300 steps, 2 repeats
     python bench/translation.py --steps 40 --repeats 1 --pairs 4000 --bleu-pairs 50   # a quick look
@@ -126,8 +128,19 @@ def own_cpu_seconds() -> float:
                                                                              resource.RUSAGE_CHILDREN)))
 
 
-def measured(run, *a) -> dict:
+def wait_for_quiet(seconds: float, busy: float = 0.15) -> None:
+    """Wait (up to `seconds`) until other processes use less than `busy` of a CPU for a second."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        before, own = busy_seconds(), own_cpu_seconds()
+        time.sleep(1.0)
+        if (busy_seconds() - before) - (own_cpu_seconds() - own) < busy:
+            return
+
+
+def measured(run, *a, quiet_wait: float = 0.0) -> dict:
     """`run(*a)`'s result plus "others": the share of one CPU other processes used meanwhile."""
+    wait_for_quiet(quiet_wait)
     busy, own, start = busy_seconds(), own_cpu_seconds(), time.perf_counter()
     result = run(*a)
     others = (busy_seconds() - busy) - (own_cpu_seconds() - own)
@@ -142,9 +155,7 @@ def max_new(sources_tokens: list[list[int]], cfg) -> int:
 @torch.no_grad()
 def marian_bleu(model, tok, ids: SpecialIds, sources, references, beam: int, limit: int, batch_size: int = 64):
     """Marian's beam search with the settings `llm.export.marian` writes into its generation config."""
-    from sacrebleu.metrics import BLEU, CHRF
-
-    from llm.translate import encode_sources
+    from llm.translate import encode_sources, score_translations
 
     model.eval()
     encoded = encode_sources(tok, sources, 10**9)
@@ -159,9 +170,8 @@ def marian_bleu(model, tok, ids: SpecialIds, sources, references, beam: int, lim
                              forced_eos_token_id=ids.eos, suppress_tokens=ids.never_generated)
         for i, row in zip(chunk, gen[:, 1:].tolist(), strict=True):
             out[i] = row[:row.index(ids.eos)] if ids.eos in row else row
-    hyps = tok.tokenizer.decode_batch(out, skip_special_tokens=True)
-    refs = [list(references)]
-    return BLEU(tokenize="13a").corpus_score(hyps, refs).score, CHRF().corpus_score(hyps, refs).score
+    result = score_translations(tok.tokenizer.decode_batch(out, skip_special_tokens=True), references)
+    return result.bleu, result.chrf
 
 
 def quality(kind: str, model, tok, ids, sources, references, args, cfg) -> dict:
@@ -176,6 +186,14 @@ def quality(kind: str, model, tok, ids, sources, references, args, cfg) -> dict:
                                                                           max_len_b=limit))
         bleu, chrf = r.bleu, r.chrf
     return {"bleu": bleu, "chrf": chrf, "decode_s": time.perf_counter() - t}
+
+
+def warm_up_decoding(tok, ids, sources, references, args, cfg) -> None:
+    """Decode a few sentences with throw-away models first: the first beam search in a process pays a one-off start
+    cost (seconds on CPU) that would otherwise land in whichever model is scored first."""
+    torch.manual_seed(args.seed)
+    quality("ours", build_translation_model(cfg), tok, ids, sources[:8], references[:8], args, cfg)
+    quality("marian", build_marian(cfg, ids), tok, ids, sources[:8], references[:8], args, cfg)
 
 
 def run_llm_train(workdir: Path, data: Path, cfg, optim: OptimConfig, args) -> dict:
@@ -201,7 +219,7 @@ def run_llm_train(workdir: Path, data: Path, cfg, optim: OptimConfig, args) -> d
     tokens = sum(r["tokens"] - prev["tokens"] for prev, r in after)
     seconds = sum((r["tokens"] - prev["tokens"]) / r["tokens_per_s"] for prev, r in after)
     return {"tok_s": statistics.median(r["tokens_per_s"] for _, r in after), "tok_s_total": tokens / seconds,
-            "loss": statistics.mean(r["loss"] for r in train[-2:]), "out": out}
+            "loss": statistics.mean(r["loss"] for r in train[-max(1, 20 // args.log_every):]), "out": out}
 
 
 def llm_train_model(out: Path, cfg):
@@ -235,9 +253,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads")
     p.add_argument("--marian-init", choices=["hf", "ours"], default="hf",
                    help="Marian's own initialisation (default), or our model's initial weights copied in")
+    p.add_argument("--quiet-wait", type=float, default=30.0,
+                   help="before each run, wait up to this many seconds for other processes to leave the CPUs")
     p.add_argument("--with-llm-train", action="store_true", help="also time `llm train` (task: translation)")
-    p.add_argument("--log-every", type=int, default=10, help="llm train's metrics interval")
+    p.add_argument("--log-every", type=int, default=1,
+                   help="llm train's metrics interval (1: a rate per step, the statistic the loops report)")
     args = p.parse_args()
+    begin = time.perf_counter()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads (set), fp32, {os.cpu_count()} CPUs")
 
@@ -260,25 +282,28 @@ def main() -> None:
               f"{n_tgt:,} target tokens ({loader.batches_per_epoch} batches per epoch); BLEU on {len(sources)} "
               f"held-out pairs, beam {args.beam}")
 
+        warm_up_decoding(tok, ids, sources, references, args, cfg)
         names = (["llm train"] if args.with_llm_train else []) + ["bare loop, ours", "bare loop, Marian"]
         runs: dict[str, list[dict]] = {name: [] for name in names}
         scores: dict[str, dict] = {}
         for repeat in range(args.repeats):  # interleaved; the models of the first repeat are scored
             if args.with_llm_train:
-                runs["llm train"].append(measured(run_llm_train, workdir, data, cfg, optim, args))
+                runs["llm train"].append(measured(run_llm_train, workdir, data, cfg, optim, args,
+                                                    quiet_wait=args.quiet_wait))
                 if repeat == 0:
                     trained = llm_train_model(runs["llm train"][0]["out"], cfg)
                     scores["llm train"] = quality("ours", trained, tok, ids, sources, references, args, cfg)
             torch.manual_seed(args.seed)
             ours = build_translation_model(cfg)
             start = copy.deepcopy(ours) if args.marian_init == "ours" else None  # before training changes it
-            runs["bare loop, ours"].append(measured(bare_loop, ours, batches, optim, args, ids.pad, ours_logits))
+            runs["bare loop, ours"].append(measured(bare_loop, ours, batches, optim, args, ids.pad, ours_logits,
+                                                    quiet_wait=args.quiet_wait))
             if repeat == 0:
                 scores["bare loop, ours"] = quality("ours", ours, tok, ids, sources, references, args, cfg)
             torch.manual_seed(args.seed)
             marian = build_marian(cfg, ids, start)
             runs["bare loop, Marian"].append(measured(bare_loop, marian, batches, optim, args, ids.pad,
-                                                      marian_logits))
+                                                      marian_logits, quiet_wait=args.quiet_wait))
             if repeat == 0:
                 scores["bare loop, Marian"] = quality("marian", marian, tok, ids, sources, references, args, cfg)
             print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(
@@ -302,6 +327,7 @@ def main() -> None:
     for n in names:
         print(f"  {n:18s} " + "   ".join(f"{r['tok_s']:,.0f} / {r['tok_s_total']:,.0f} / {r['others']:.0%}"
                                         for r in runs[n]))
+    print(f"\n{time.perf_counter() - begin:.0f} s in all")
 
 
 if __name__ == "__main__":
