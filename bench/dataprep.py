@@ -38,6 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.machine_load import busy_seconds, own_cpu_seconds, steal_seconds, wait_for_quiet  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------------------------
 # Child side: one method, one run, prints {"seconds": ..., "tokens": ...}
@@ -138,38 +139,7 @@ def pss_bytes(pid: int) -> int:
     return 0
 
 
-def busy_seconds() -> float:
-    """CPU seconds all processes on the machine have used since boot (user + nice + system + irq + softirq)."""
-    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq = map(int, fields[:7])
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
-
-
-def steal_seconds() -> float:
-    """CPU seconds the hypervisor gave to other guests while this VM wanted to run (0 on bare metal)."""
-    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    return (int(fields[7]) if len(fields) > 7 else 0) / os.sysconf("SC_CLK_TCK")
-
-
 QUIET_WAIT = 180.0  # --quiet-wait
-
-
-def wait_for_quiet(busy: float = 0.15) -> None:
-    """The machine may be shared: wait (up to --quiet-wait s) until others use < `busy` of a CPU for a second."""
-    deadline = time.time() + QUIET_WAIT
-    while time.time() < deadline:
-        before = busy_seconds()
-        time.sleep(1.0)
-        if busy_seconds() - before < busy:
-            return
-
-
-def own_cpu_seconds() -> float:
-    """CPU seconds of this process (the memory sampler) and of its finished children (the measured runs)."""
-    import resource
-
-    return sum(u.ru_utime + u.ru_stime for u in map(resource.getrusage, (resource.RUSAGE_SELF,
-                                                                             resource.RUSAGE_CHILDREN)))
 
 
 def measure(cmd: list[str]) -> tuple[str, int, float, float, float]:
@@ -178,7 +148,7 @@ def measure(cmd: list[str]) -> tuple[str, int, float, float, float]:
     seconds the hypervisor gave to other guests."""
     import psutil
 
-    wait_for_quiet()
+    wait_for_quiet(QUIET_WAIT)
     busy0, own0, steal0 = busy_seconds(), own_cpu_seconds(), steal_seconds()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

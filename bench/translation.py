@@ -30,7 +30,6 @@ import copy
 import dataclasses
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -44,6 +43,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.machine_load import busy_seconds, own_cpu_seconds, wait_for_quiet  # noqa: E402
 from data_prep import demo_pairs, pack_translation  # noqa: E402
 from llm.config import OptimConfig  # noqa: E402
 from llm.data.tokenizer import load_tokenizer  # noqa: E402
@@ -110,32 +110,6 @@ def bare_loop(model, batches: list[dict], optim: OptimConfig, args, pad_id: int,
             tokens, seconds = tokens + batch["num_tokens"], seconds + dt
     return {"tok_s": statistics.median(rates), "tok_s_total": tokens / seconds,
             "loss": statistics.mean(losses[-20:])}
-
-
-# The machine may be shared (other jobs, a hypervisor): record how much CPU others used during each run.
-
-
-def busy_seconds() -> float:
-    """CPU seconds all processes on the machine have used since boot (user + nice + system + irq + softirq)."""
-    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq = map(int, fields[:7])
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_seconds() -> float:
-    """CPU seconds of this process and of its finished children (llm train)."""
-    return sum(u.ru_utime + u.ru_stime for u in map(resource.getrusage, (resource.RUSAGE_SELF,
-                                                                             resource.RUSAGE_CHILDREN)))
-
-
-def wait_for_quiet(seconds: float, busy: float = 0.15) -> None:
-    """Wait (up to `seconds`) until other processes use less than `busy` of a CPU for a second."""
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        before, own = busy_seconds(), own_cpu_seconds()
-        time.sleep(1.0)
-        if (busy_seconds() - before) - (own_cpu_seconds() - own) < busy:
-            return
 
 
 def measured(run, *a, quiet_wait: float = 0.0) -> dict:
