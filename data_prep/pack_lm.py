@@ -3,7 +3,9 @@
 Each document's tokens are followed by EOS; shards hold uint16 tokens when the vocabulary fits (else uint32) with a
 versioned header and a document index; documents are split into train/val by a seeded hash; manifest.json records
 the format version, tokenizer hash and vocab size, per-shard counts, sizes and sha256, and the source files.
-The same input gives byte-identical output, whatever --num-proc.
+The same input gives byte-identical output, whatever --num-proc. The checksums are also recorded in verified/
+(with file times and per-block checksums, so not byte-identical) so that training trusts the fresh shards without
+hashing them again.
 
     python -m data_prep.pack_lm                                   # default corpus + data/tokenizer -> data/stdlib
     python -m data_prep.pack_lm --input corpus/ --tokenizer data/tokenizer --output data/corpus --num-proc 16

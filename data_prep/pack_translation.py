@@ -20,7 +20,8 @@ clean-corpus-n.perl, whose -ratio 1.5 the fairseq WMT recipes use).
 Output: the shard format of `llm.data.shards` (data_prep.inspect and verify_dataset read it) with splits
 train.src/train.tgt/val.src/val.tgt, pair k being document k of each side, each followed by EOS, and a manifest
 with "task": "translation". A pair goes to validation by a keyed hash of its index in the input (--val-fraction,
---seed), so the split does not depend on the filters. The same input gives byte-identical output.
+--seed), so the split does not depend on the filters. The same input gives byte-identical output (apart from the
+verified/ record, which lets training trust the fresh shards without hashing them again).
 """
 
 from __future__ import annotations

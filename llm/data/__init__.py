@@ -4,6 +4,7 @@
     tokenizer.py  training a byte-level BPE, loading/hashing/saving tokenizer folders
     pack.py       parallel tokenisation into EOS-separated shards with a train/validation split
     shards.py     the shard format: headers, writer, manifest, reading, verification
+    verify.py     the verification record (sha256 once per file) and per-block checksums on first read
     order.py      the keyed hash and permutation that define data order
     mixture.py    weighted blending of several packed datasets
     loader.py     the packed LM loader (training, validation); imports torch

@@ -46,11 +46,21 @@ def open_splits(cfg: DataConfig, split: str, vocab_size: int | None = None) -> l
 
 
 def make_batch(splits: list[PackedSplit], datasets: np.ndarray, samples: np.ndarray, seq_len: int,
-               document_masking: bool) -> dict:
-    """Read the windows of (dataset, sample) pairs and build the batch dict of torch tensors."""
+               document_masking: bool, vocab_size: int | None = None) -> dict:
+    """Read the windows of (dataset, sample) pairs and build the batch dict of torch tensors.
+
+    Every id is checked against `vocab_size` (the model's; default: the tokenizer's), so a damaged shard stops the run
+    with its name instead of indexing past the embedding or training on garbage. One max() per batch; the search for
+    the culprit runs only on failure."""
     T = seq_len
-    rows = [splits[d].read(s * T, T + 1) for d, s in zip(datasets.tolist(), samples.tolist(), strict=True)]
-    window = torch.from_numpy(np.stack(rows).astype(np.int64))  # (B, T + 1)
+    pairs = list(zip(datasets.tolist(), samples.tolist(), strict=True))
+    rows = [splits[d].read(s * T, T + 1) for d, s in pairs]
+    stacked = np.stack(rows)  # (B, T + 1)
+    limit = vocab_size if vocab_size is not None else min(s.vocab_size for s in splits)
+    if stacked.max() >= limit:
+        for (d, s), row in zip(pairs, rows, strict=True):
+            splits[d].check_ids(row, s * T, limit)
+    window = torch.from_numpy(stacked.astype(np.int64))  # (B, T + 1)
     # (B, T) each; labels = inputs shifted by one. Contiguous copies: callers flatten them with .view(-1).
     batch = {"input_ids": window[:, :-1].contiguous(), "labels": window[:, 1:].contiguous()}
     if not document_masking:
@@ -58,7 +68,7 @@ def make_batch(splits: list[PackedSplit], datasets: np.ndarray, samples: np.ndar
     B = len(rows)
     position_ids = np.empty((B, T), dtype=np.int64)
     bounds = []
-    for b, (d, s) in enumerate(zip(datasets.tolist(), samples.tolist(), strict=True)):
+    for b, (d, s) in enumerate(pairs):
         # Documents starting inside the row (its first token is a boundary anyway): input positions in [1, T).
         starts = np.concatenate([[0], splits[d].doc_starts(s * T + 1, s * T + T) - s * T])
         segment = np.zeros(T, dtype=np.int64)
@@ -81,6 +91,7 @@ class _Loader:
             raise ValueError(f"need micro_batch_size > 0 and 0 <= rank < world_size, got "
                              f"{micro_batch_size}, rank {rank}, world_size {world_size}")
         self.cfg, self.micro_batch_size, self.rank, self.world_size = cfg, micro_batch_size, rank, world_size
+        self.vocab_size = vocab_size
         self.splits = open_splits(cfg, split, vocab_size)
         sizes = [(s.num_tokens - 1) // cfg.seq_len for s in self.splits]
         self.blend = Blend(sizes, [e.weight for e in cfg.datasets], cfg.seed, shuffle=shuffle)
@@ -97,7 +108,8 @@ class _Loader:
         """This rank's rows of the global batch starting at global position `position`."""
         first = position + self.rank * self.micro_batch_size
         datasets, samples = self.blend.locate(np.arange(first, first + self.micro_batch_size))
-        return make_batch(self.splits, datasets, samples, self.cfg.seq_len, self.cfg.document_masking)
+        return make_batch(self.splits, datasets, samples, self.cfg.seq_len, self.cfg.document_masking,
+                          self.vocab_size)
 
 
 class PackedLoader(_Loader):

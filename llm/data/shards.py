@@ -12,7 +12,8 @@ A packed dataset is a folder:
 Documents are separated by EOS (each document's tokens are followed by one EOS, which belongs to that document) and
 never span two shards. A split's token stream is its shards concatenated in order; training windows may cross shard
 boundaries. The header repeats the counts so a shard is self-describing; the manifest is written last, so a folder
-with a manifest is complete.
+with a manifest is complete. A `verified/` folder records which files were checked against the manifest's sha256,
+with per-block checksums (see llm.data.verify); it is a cache, not part of the format.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from llm.data.errors import DataError
+from llm.data.verify import BlockCheck, Record, hash_file
 
 FORMAT = "llm-packed-lm"
 FORMAT_VERSION = 1
@@ -65,7 +67,8 @@ class ShardWriter:
     """Appends documents to one split's shards, starting a new shard once one holds >= `shard_tokens` tokens.
 
     Shards end at document boundaries, so a shard may exceed `shard_tokens` by one document. Headers are written
-    with zero counts first and patched when the shard closes; checksums are taken after that.
+    with zero counts first and patched when the shard closes; checksums are taken after that, and recorded as
+    verified (llm.data.verify) when the split closes, so a freshly packed dataset opens without being hashed again.
     """
 
     def __init__(self, folder: str | Path, split: str, dtype: np.dtype, shard_tokens: int):
@@ -73,6 +76,7 @@ class ShardWriter:
             raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
         self.folder, self.split, self.dtype, self.shard_tokens = Path(folder), split, np.dtype(dtype), shard_tokens
         self.shards: list[dict] = []
+        self._verified: dict[str, tuple] = {}  # file name -> (stat, sha256, block crcs), recorded by close()
         self._bin = self._idx = None
         self._tokens = self._docs = 0  # in the open shard
 
@@ -95,8 +99,10 @@ class ShardWriter:
             f.close()
         record = {"bin": self._names[0], "idx": self._names[1], "num_tokens": self._tokens, "num_docs": self._docs}
         for kind, name in zip(("bin", "idx"), self._names, strict=True):
-            record[f"{kind}_bytes"] = (self.folder / name).stat().st_size
-            record[f"{kind}_sha256"] = sha256_file(self.folder / name)
+            st = (self.folder / name).stat()
+            sha256, crcs = hash_file(self.folder / name)
+            record[f"{kind}_bytes"], record[f"{kind}_sha256"] = st.st_size, sha256
+            self._verified[name] = (st, sha256, crcs)
         self.shards.append(record)
         self._bin = self._idx = None
 
@@ -132,6 +138,9 @@ class ShardWriter:
         """Close the open shard; return the split's manifest entry."""
         if self._bin is not None:
             self._close_shard()
+        if self._verified:
+            Record(self.folder).add(self._verified)
+            self._verified = {}
         return {"num_tokens": sum(s["num_tokens"] for s in self.shards),
                 "num_docs": sum(s["num_docs"] for s in self.shards), "shards": self.shards}
 
@@ -173,7 +182,8 @@ def read_manifest(folder: str | Path) -> dict:
     return manifest
 
 
-def _check_file(folder: Path, shard: dict, kind: str, magic: bytes, dtype_code: int, checksums: bool) -> Path:
+def _check_file(folder: Path, shard: dict, kind: str, magic: bytes, dtype_code: int, payload: int) -> Path:
+    """Existence, size and header of one shard file against the manifest (`payload`: bytes after the header)."""
     path = folder / shard[kind]
     if not path.is_file():
         raise DataError(f"{path}: missing (listed in {folder / MANIFEST})")
@@ -187,21 +197,23 @@ def _check_file(folder: Path, shard: dict, kind: str, magic: bytes, dtype_code: 
     for name, g, w in zip(("magic", "format version", "dtype code", "num_tokens", "num_docs"), got, want, strict=True):
         if g != w:
             raise DataError(f"{path}: header {name} is {g!r}, {MANIFEST} says {w!r}")
-    if checksums:
-        digest = sha256_file(path)
-        if digest != shard[f"{kind}_sha256"]:
-            raise DataError(f"{path}: sha256 is {digest}, {MANIFEST} says {shard[f'{kind}_sha256']} (altered shard)")
+    if size != HEADER.size + payload:
+        raise DataError(f"{path}: size is {size} bytes, but its header's counts need {HEADER.size + payload}")
     return path
 
 
 class PackedSplit:
     """One split of a packed dataset as a single memory-mapped token stream (its shards in order).
 
-    Opening checks every shard against the manifest (existence, size, header; sha256 when `verify_checksums`), so a
-    truncated, altered or missing file fails here with its path, not as garbage batches later.
+    Opening checks every shard against the manifest (existence, size, header), so a truncated or missing file fails
+    here with its path, not as garbage batches later. With `verify_checksums` (the default) it also makes sure every
+    file's sha256 was found to match the manifest: files unchanged (size, mtime) since their recorded verification
+    are not read again, others are hashed now (`rehash`: all of them); then each 64 KiB block read through this
+    object is checked against its recorded crc32 the first time (llm.data.verify).
     """
 
-    def __init__(self, folder: str | Path, split: str = "train", verify_checksums: bool = False):
+    def __init__(self, folder: str | Path, split: str = "train", verify_checksums: bool = True, *,
+                 rehash: bool = False):
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
         self.split = split
@@ -212,19 +224,32 @@ class PackedSplit:
             raise DataError(f"{self.folder / MANIFEST}: split {split!r} entry is malformed (needs shards, num_tokens)")
         self.dtype = np.dtype(self.manifest["dtype"]).newbyteorder("<")
         code = DTYPE_CODES[self.manifest["dtype"]]
-        self._tokens, self._offsets = [], []
+        files = []  # (path, sha256 from the manifest): .bin, .idx of each shard
         for shard in entry["shards"]:
             missing = [k for k in SHARD_KEYS if k not in shard]
             if missing:
                 raise DataError(f"{self.folder / MANIFEST}: a {split!r} shard entry lacks {', '.join(missing)}")
-            bin_path = _check_file(self.folder, shard, "bin", TOKENS_MAGIC, code, verify_checksums)
-            idx_path = _check_file(self.folder, shard, "idx", INDEX_MAGIC, 0, verify_checksums)
             n, d = shard["num_tokens"], shard["num_docs"]
-            offsets = np.memmap(idx_path, dtype=INDEX_DTYPE, mode="r", offset=HEADER.size, shape=(d + 1,))
-            if offsets[0] != 0 or offsets[-1] != n:
-                raise DataError(f"{idx_path}: document offsets run {offsets[0]}..{offsets[-1]}, expected 0..{n}")
+            files.append((_check_file(self.folder, shard, "bin", TOKENS_MAGIC, code, n * self.dtype.itemsize),
+                          shard["bin_sha256"]))
+            files.append((_check_file(self.folder, shard, "idx", INDEX_MAGIC, 0, (d + 1) * INDEX_DTYPE.itemsize),
+                          shard["idx_sha256"]))
+        self.record = Record(self.folder, self.folder / MANIFEST) if verify_checksums else None
+        crcs = self.record.verify(files, rehash) if self.record is not None else {}
+        # Per shard: the .bin path, its tokens, its document offsets, and the block checks of both files (or None).
+        self._paths, self._tokens, self._offsets, self._checks = [], [], [], []
+        for (bin_path, bin_sha), (idx_path, idx_sha) in zip(files[::2], files[1::2], strict=True):
+            raw_bin, raw_idx = (np.memmap(p, dtype=np.uint8, mode="r") for p in (bin_path, idx_path))
+            tokens, offsets = raw_bin[HEADER.size:].view(self.dtype), raw_idx[HEADER.size:].view(INDEX_DTYPE)
+            if self.record is not None:
+                self._checks.append((BlockCheck(bin_path, raw_bin, self.record, bin_sha, crcs.get(bin_path.name)),
+                                     BlockCheck(idx_path, raw_idx, self.record, idx_sha, crcs.get(idx_path.name))))
+            if offsets[0] != 0 or offsets[-1] != len(tokens):
+                raise DataError(f"{idx_path}: document offsets run {offsets[0]}..{offsets[-1]}, expected "
+                                f"0..{len(tokens)}")
+            self._paths.append(bin_path)
+            self._tokens.append(tokens)
             self._offsets.append(offsets)
-            self._tokens.append(np.memmap(bin_path, dtype=self.dtype, mode="r", offset=HEADER.size, shape=(n,)))
         sizes = [len(t) for t in self._tokens]
         self._starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])  # global offset of each shard
         self.num_tokens = int(self._starts[-1])
@@ -244,6 +269,18 @@ class PackedSplit:
     def _shard_of(self, pos: int) -> int:
         return int(np.searchsorted(self._starts, pos, side="right")) - 1
 
+    def _check_tokens(self, i: int, lo: int, hi: int) -> None:
+        """Block checks for tokens [lo, hi) of shard i (local offsets)."""
+        if self._checks:
+            size = self.dtype.itemsize
+            self._checks[i][0].check(HEADER.size + lo * size, HEADER.size + hi * size)
+
+    def _check_offsets(self, i: int, lo: int, hi: int) -> None:
+        """Block checks for document offset entries [lo, hi) of shard i."""
+        if self._checks:
+            size = INDEX_DTYPE.itemsize
+            self._checks[i][1].check(HEADER.size + max(lo, 0) * size, HEADER.size + hi * size)
+
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) of the split's stream (a copy; may span shards)."""
         if start < 0 or start + length > self.num_tokens:
@@ -254,6 +291,7 @@ class PackedSplit:
         while done < length:
             local = start + done - int(self._starts[i])
             piece = self._tokens[i][local:local + length - done]
+            self._check_tokens(i, local, local + len(piece))
             out[done:done + len(piece)] = piece
             done, i = done + len(piece), i + 1
         return out
@@ -262,8 +300,17 @@ class PackedSplit:
         """Global offsets of the documents that start inside [start, end), ascending."""
         found, i = [], self._shard_of(start)
         while i < len(self._tokens) and self._starts[i] < end:
-            base, offsets = int(self._starts[i]), self._offsets[i][:-1]  # the last entry is the shard's end
-            lo, hi = np.searchsorted(offsets, [start - base, end - base], side="left")
+            base, offsets = int(self._starts[i]), self._offsets[i]
+            lo, hi = (int(x) for x in np.searchsorted(offsets[:-1], [start - base, end - base], side="left"))
+            if self._checks:
+                # The search itself read unchecked entries: check the answer and its neighbours instead. If they
+                # bracket both ends, the answer is right whatever the search read on its way.
+                self._check_offsets(i, lo - 1, hi + 1)
+                n = len(offsets) - 1
+                if ((lo > 0 and offsets[lo - 1] >= start - base) or (lo < n and offsets[lo] < start - base)
+                        or (hi > 0 and offsets[hi - 1] >= end - base) or (hi < n and offsets[hi] < end - base)):
+                    self._check_offsets(i, 0, n + 1)  # names the damaged block
+                    raise DataError(f"{self._checks[i][1].path}: document offsets are not ascending")
             found.append(offsets[lo:hi].astype(np.int64) + base)
             i += 1
         return np.concatenate(found) if found else np.zeros(0, np.int64)
@@ -272,14 +319,32 @@ class PackedSplit:
         """Document k of the split (its tokens, EOS included)."""
         for i, offsets in enumerate(self._offsets):
             if k < len(offsets) - 1:
-                return np.asarray(self._tokens[i][offsets[k]:offsets[k + 1]])
+                self._check_offsets(i, k, k + 2)
+                lo, hi = int(offsets[k]), int(offsets[k + 1])
+                self._check_tokens(i, lo, hi)
+                return np.asarray(self._tokens[i][lo:hi])
             k -= len(offsets) - 1
         raise IndexError(f"document index out of range for the {self.num_docs}-document {self.split} split")
 
+    def check_ids(self, tokens: np.ndarray, start: int, vocab_size: int) -> None:
+        """Raise DataError naming the shard and offset of the first id >= vocab_size in `tokens` (read from `start`).
 
-def verify_dataset(folder: str | Path, checksums: bool = True) -> dict:
-    """Check every split's shards against the manifest (sha256 too when `checksums`); return the manifest."""
+        Callers take one max() over a whole batch first and call this only when it fails."""
+        bad = np.flatnonzero(tokens >= vocab_size)
+        if len(bad):
+            pos = start + int(bad[0])
+            i = self._shard_of(pos)
+            raise DataError(f"{self.folder}: token id {int(tokens[bad[0]])} >= vocab_size {vocab_size} at token "
+                            f"offset {pos - int(self._starts[i])} of {self._paths[i]} ({self.split} split); the shard "
+                            f"is damaged or was packed with another tokenizer")
+
+
+def verify_dataset(folder: str | Path, checksums: bool = True, rehash: bool = False) -> dict:
+    """Check every split's shards against the manifest; return the manifest.
+
+    `checksums`: as PackedSplit's verify_checksums (sha256 of files not recorded as verified as they are now);
+    `rehash`: hash every file again and refresh the record."""
     manifest = read_manifest(folder)
     for split in manifest["splits"]:
-        PackedSplit(folder, split, verify_checksums=checksums)
+        PackedSplit(folder, split, verify_checksums=checksums or rehash, rehash=rehash)
     return manifest

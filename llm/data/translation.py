@@ -39,7 +39,7 @@ _PAIR_STREAM, _BATCH_STREAM = 0x7A1_0001, 0x7A1_0002  # keys of the tie order an
 class ParallelSplit:
     """One split of a packed translation dataset: lengths of all pairs, and the tokens of any pair."""
 
-    def __init__(self, folder: str | Path, split: str = "train", verify_checksums: bool = False):
+    def __init__(self, folder: str | Path, split: str = "train", verify_checksums: bool = True):
         if not str(folder):
             raise DataError("data.path is empty: name a folder written by data_prep.pack_translation")
         self.folder = Path(folder)
@@ -69,6 +69,12 @@ class ParallelSplit:
         """Source and target tokens of pair k, each ending in EOS."""
         return (self.src.read(int(self.src_starts[k]), int(self.src_lens[k])),
                 self.tgt.read(int(self.tgt_starts[k]), int(self.tgt_lens[k])))
+
+    def check_ids(self, pairs: np.ndarray, tokens: list[tuple[np.ndarray, np.ndarray]], vocab_size: int) -> None:
+        """Raise DataError naming the shard and offset of an id >= vocab_size in the pairs `pairs` (their tokens)."""
+        for k, (src, tgt) in zip(pairs.tolist(), tokens, strict=True):
+            self.src.check_ids(src, int(self.src_starts[k]), vocab_size)
+            self.tgt.check_ids(tgt, int(self.tgt_starts[k]), vocab_size)
 
 
 def batch_boundaries(sizes: np.ndarray, max_tokens: int, max_sentences: int | None = None) -> np.ndarray:
@@ -117,6 +123,7 @@ class _Batches:
         self.data = ParallelSplit(cfg.path, split, cfg.verify_checksums)
         d = self.data
         tokenizer_vocab = d.manifest["tokenizer"]["vocab_size"]
+        self.vocab_size = vocab_size if vocab_size is not None else tokenizer_vocab  # every batch's ids are below it
         if vocab_size is not None and tokenizer_vocab > vocab_size:
             raise DataError(f"{d.folder / MANIFEST}: the tokenizer has {tokenizer_vocab} tokens, more than "
                             f"model.vocab_size = {vocab_size}; set model.vocab_size to at least {tokenizer_vocab}")
@@ -156,8 +163,13 @@ class _Batches:
         return self._sorted[self.bounds[b]:self.bounds[b + 1]]
 
     def batch(self, position: int) -> dict:
-        d = self.data
-        return collate([d.pair(int(k)) for k in self.pairs_of(position)], d.bos_id, d.pad_id)
+        d, pairs = self.data, self.pairs_of(position)
+        tokens = [d.pair(int(k)) for k in pairs]
+        batch = collate(tokens, d.bos_id, d.pad_id)
+        # One max() per side (padding is a vocabulary id too); the search for the culprit only on failure.
+        if max(int(batch["src_ids"].max()), int(batch["labels"].max())) >= self.vocab_size:
+            d.check_ids(pairs, tokens, self.vocab_size)
+        return batch
 
 
 class TranslationLoader:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -69,6 +70,31 @@ def packed_other(tmp_path_factory, tiny_tokenizer) -> Path:
     out = tmp_path_factory.mktemp("packed2") / "ds"
     pack_corpus(out, tiny_tokenizer, [str(corpus)], val_fraction=0.2, shard_tokens=2000, num_proc=1)
     return out
+
+
+@pytest.fixture
+def hashes(monkeypatch) -> list:
+    """The files hashed by the verification record (llm.data.verify.hash_file) while the test runs, in order."""
+    import llm.data.verify as verify
+
+    calls, real = [], verify.hash_file
+
+    def counted(path, *args, **kwargs):
+        calls.append(Path(path).name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(verify, "hash_file", counted)
+    return calls
+
+
+def flip_byte(path: Path, offset: int, keep_mtime: bool = False) -> None:
+    """Change one byte of a file; with keep_mtime, restore its times after (what bit rot looks like to stat)."""
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+    if keep_mtime:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def data_config(*paths: Path, weights: list[float] | None = None, **kwargs) -> DataConfig:

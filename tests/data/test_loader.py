@@ -1,11 +1,15 @@
+import hashlib
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
 
 from llm.data.errors import DataError
 from llm.data.loader import PackedLoader, ValidationLoader, build_train_loader, build_val_loader
-from llm.data.shards import PackedSplit
-from tests.data.conftest import data_config
+from llm.data.shards import HEADER, MANIFEST, PackedSplit, write_manifest
+from tests.data.conftest import data_config, flip_byte
 
 SEQ = 32
 
@@ -172,14 +176,49 @@ def test_validation_loader_is_deterministic(packed):
         ValidationLoader(cfg, 10**6)
 
 
-def test_checksums_on_request(packed, tmp_path):
-    import shutil
-
+@pytest.fixture
+def copy_of(packed, tmp_path):
     shutil.copytree(packed, tmp_path / "ds")
-    shard = sorted((tmp_path / "ds").glob("train_*.bin"))[1]
+    return tmp_path / "ds"
+
+
+def one_epoch(loader):
+    for _ in range(-(-loader.samples_per_epoch // loader.global_batch_size)):
+        next(loader)
+
+
+def test_altered_shard_stops_at_open(copy_of):
+    shard = sorted(copy_of.glob("train_*.bin"))[1]
+    flip_byte(shard, shard.stat().st_size - 1)
+    PackedLoader(data_config(copy_of, seq_len=SEQ, verify_checksums=False), 2)  # sizes and headers only
+    with pytest.raises(DataError, match=rf"{shard}: sha256 is"):
+        PackedLoader(data_config(copy_of, seq_len=SEQ, verify_checksums=True), 2)
+
+
+def test_altered_shard_with_its_old_mtime_stops_when_read(copy_of, hashes):
+    shard = sorted(copy_of.glob("train_*.bin"))[1]
+    flip_byte(shard, shard.stat().st_size - 1, keep_mtime=True)
+    loader = PackedLoader(data_config(copy_of, seq_len=SEQ, verify_checksums=True), 4)
+    assert hashes == []  # the start did not read the data
+    with pytest.raises(DataError, match=rf"{shard}: bytes \[0, \d+\) changed after the file was verified"):
+        one_epoch(loader)
+    one_epoch(PackedLoader(data_config(copy_of, seq_len=SEQ, verify_checksums=False), 4))  # unchecked: trains on
+
+
+def test_out_of_range_token_id_names_dataset_shard_and_offset(copy_of):
+    """A consistent shard (sha256 in the manifest matches) holding an id the model has no embedding for."""
+    manifest = json.loads((copy_of / MANIFEST).read_text())
+    entry = manifest["splits"]["train"]["shards"][2]
+    shard, offset = copy_of / entry["bin"], 123
     data = bytearray(shard.read_bytes())
-    data[-1] ^= 0xFF
+    data[HEADER.size + 2 * offset:HEADER.size + 2 * offset + 2] = (64926).to_bytes(2, "little")
     shard.write_bytes(bytes(data))
-    PackedLoader(data_config(tmp_path / "ds", seq_len=SEQ), 2)
-    with pytest.raises(DataError, match=shard.name):
-        PackedLoader(data_config(tmp_path / "ds", seq_len=SEQ, verify_checksums=True), 2)
+    entry["bin_sha256"] = hashlib.sha256(data).hexdigest()
+    write_manifest(copy_of, manifest)
+    for vocab_size, limit in ((None, 512), (512, 512)):  # the tokenizer's vocabulary by default, else the model's
+        loader = PackedLoader(data_config(copy_of, seq_len=SEQ), 4, vocab_size=vocab_size)
+        with pytest.raises(DataError) as e:
+            one_epoch(loader)
+        message = str(e.value)
+        assert message == (f"{copy_of}: token id 64926 >= vocab_size {limit} at token offset {offset} of {shard} "
+                           f"(train split); the shard is damaged or was packed with another tokenizer")

@@ -139,6 +139,28 @@ def test_bad_data_and_state_are_clear_errors(packed, tmp_path):
         ParallelSplit(tmp_path / "lm")
 
 
+def test_out_of_range_token_id_names_the_shard(packed, tmp_path):
+    import hashlib
+    import json
+    import shutil
+
+    from llm.data.shards import HEADER, MANIFEST, write_manifest
+
+    shutil.copytree(packed, tmp_path / "ds")
+    manifest = json.loads((tmp_path / "ds" / MANIFEST).read_text())
+    entry = manifest["splits"]["train.tgt"]["shards"][0]
+    shard = tmp_path / "ds" / entry["bin"]
+    data = bytearray(shard.read_bytes())
+    data[HEADER.size + 2 * 7:HEADER.size + 2 * 8] = (401).to_bytes(2, "little")  # consistent data, id past the vocab
+    shard.write_bytes(bytes(data))
+    entry["bin_sha256"] = hashlib.sha256(data).hexdigest()
+    write_manifest(tmp_path / "ds", manifest)
+    loader = TranslationLoader(config(tmp_path / "ds"))
+    with pytest.raises(DataError, match=rf"token id 401 >= vocab_size 400 at token offset 7 of {shard} "):
+        for _ in range(loader.batches_per_epoch):
+            next(loader)
+
+
 def test_a_model_learns_from_the_loader(packed):
     from llm.models.encoder_decoder import build_translation_model, label_smoothed_loss, translation_preset
 

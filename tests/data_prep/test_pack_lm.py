@@ -7,6 +7,7 @@ from data_prep import pack_lm, run_cli
 from llm.data.corpus import default_corpus_files
 from llm.data.shards import MANIFEST, PackedSplit, sha256_file
 from llm.data.tokenizer import load_tokenizer
+from llm.data.verify import RECORD, RECORD_DIR
 from tests.data.conftest import write_jsonl
 
 
@@ -59,13 +60,30 @@ def test_round_trip_split_and_manifest(tmp_path, tiny_corpus, tiny_tokenizer, ti
     np.testing.assert_array_equal(split.read(0, split.num_tokens), expected)
 
 
+def test_packed_shards_are_recorded_as_verified(tmp_path, tiny_corpus, tiny_tokenizer, hashes):
+    out = tmp_path / "ds"
+    assert pack("--input", tiny_corpus, "--tokenizer", tiny_tokenizer, "--output", out, "--val-fraction", 0.2,
+                "--shard-tokens", 3000) == 0
+    manifest = json.loads((out / MANIFEST).read_text())
+    names = {s[kind] for entry in manifest["splits"].values() for s in entry["shards"] for kind in ("bin", "idx")}
+    record = json.loads((out / RECORD_DIR / RECORD).read_text())
+    assert set(record["files"]) == names
+    assert all((out / RECORD_DIR / f"{name}.crc32").is_file() for name in names)
+    for split in manifest["splits"]:
+        PackedSplit(out, split).read(0, 100)
+    assert hashes == []  # the first start after packing hashes nothing
+
+
 def test_identical_bytes_whatever_num_proc(tmp_path, tiny_corpus, tiny_tokenizer):
     for name, procs in (("a", 1), ("b", 2), ("c", 2)):
         assert pack("--input", tiny_corpus, "--tokenizer", tiny_tokenizer, "--output", tmp_path / name,
                     "--num-proc", procs, "--chunk-chars", 5000 if name != "c" else 777, "--shard-tokens", 4000) == 0
-    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    def listing(folder):  # verified/ holds file times: a record of this copy, not part of the output
+        return sorted(p.name for p in folder.iterdir() if p.name != RECORD_DIR)
+
+    files = listing(tmp_path / "a")
     for other in ("b", "c"):
-        assert sorted(p.name for p in (tmp_path / other).iterdir()) == files
+        assert listing(tmp_path / other) == files
     for name in files:
         data = (tmp_path / "a" / name).read_bytes()
         assert data == (tmp_path / "b" / name).read_bytes() == (tmp_path / "c" / name).read_bytes(), name

@@ -156,7 +156,7 @@ def test_validation_split_does_not_depend_on_the_filters(tmp_path, corpus, packe
     assert all(loose[s] == split for s, split in strict_split.items())
 
 
-def test_output_is_deterministic_and_verifies(tmp_path, corpus):
+def test_output_is_deterministic_and_verifies(tmp_path, corpus, hashes):
     outs = []
     for name in ("a", "b"):
         outs.append(tmp_path / name)
@@ -165,6 +165,7 @@ def test_output_is_deterministic_and_verifies(tmp_path, corpus):
     assert json.loads(a)["tokenizer"]["sha256"] == json.loads(b)["tokenizer"]["sha256"]
     assert shard_hashes(outs[0]) == shard_hashes(outs[1])
     manifest = verify_dataset(outs[0], checksums=True)
+    assert hashes == []  # packing recorded every shard as verified: opening does not hash them again
     assert manifest["task"] == "translation" and set(manifest["splits"]) == {"train.src", "train.tgt", "val.src",
                                                                              "val.tgt"}
     from data_prep import inspect
