@@ -1,7 +1,10 @@
+import re
+
 import pytest
 import yaml
 
 from llm.config import ConfigError, ModelConfig, RunConfig, load_config, load_model_config, save_config
+from tests.helpers import ROOT
 
 
 def write(tmp_path, data, name="run.yaml"):
@@ -117,3 +120,11 @@ def test_translation_run_config(tmp_path):
 def test_translation_config_errors_name_the_key(tmp_path, data, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config(write(tmp_path, data))
+
+
+@pytest.mark.parametrize("override", ["optim.lr=.nan", "optim.grad_clip=.inf", "model.init_std=.inf",
+                                      "train.collective_timeout_s=-.inf"])
+def test_nan_and_infinite_values_are_refused(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)} = .*expected a finite number"):
+        load_config(ROOT / "configs/train/tiny_cpu.yaml", [override])

@@ -7,13 +7,17 @@ Layout of `OUTPUT_DIR/checkpoints/`:
       rng/rank-00000.pt       each rank's RNG states (tensors and plain numbers only: loads with weights_only)
       trainer_state.json      step (the LR schedule is a function of it), tokens seen, loader state, world size
       config.yaml             the resolved run config
+      universal/              written on first resume on another number of processes (see universal.py)
     latest                    the name of the newest complete checkpoint
     .tmp-step-00000200/       a save in progress; never read, removed at the next start
+    .old-step-00000200/       the previous copy of a step being saved again; restored if the new one never landed
 
-Every rank writes its shards into the temporary folder; rank 0 then fsyncs everything, renames the folder into
-place and only then rewrites `latest` (itself via a temporary file and a rename). A process killed at any moment
-therefore leaves either the previous checkpoint or the new one, never a half-written one that could be resumed.
-Old checkpoints beyond `keep_last` are deleted only after the new one is complete.
+Every rank writes its shards into the temporary folder and fsyncs the files it wrote (on a cluster they sit in that
+node's cache until then); after a barrier, rank 0 fsyncs the folder's own files, renames the folder into place and
+only then rewrites `latest` (itself via a temporary file and a rename). A process killed at any moment therefore
+leaves either the previous checkpoint or the new one, never a half-written one that could be resumed. Saving a step
+that exists (a signal right after a periodic save) moves the old copy aside first and deletes it only once the new
+one is in place. Old checkpoints beyond `keep_last` are deleted only after the new one is complete.
 """
 
 from __future__ import annotations
@@ -29,10 +33,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llm.checkpoint import universal
 from llm.checkpoint.safety import vet_deepspeed_folder
 from llm.config import RunConfig, save_config, to_dict
 
 STEP_RE = re.compile(r"^step-(\d{8})$")
+RANK_FILE_RE = re.compile(r"(?:zero_pp_rank_|rank-)0*(\d+)[_.]")  # DeepSpeed's and our per-rank file names
 # Settings a resumed run may not change: they define the model and the data order.
 FROZEN = {"model": None, "train": ("seed",)}
 FROZEN_DATA = {"lm": ("datasets", "seq_len", "seed", "document_masking"),
@@ -43,16 +49,28 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def _fsync_tree(root: Path) -> None:
+def _fsync_dir(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path, keep=lambda name: True) -> None:
+    """fsync the files under `root` whose name `keep` accepts, and every folder."""
     for dirpath, _, files in os.walk(root):
         for name in files:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                os.fsync(f.fileno())
-        fd = os.open(dirpath, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            if keep(name):
+                with open(os.path.join(dirpath, name), "rb") as f:
+                    os.fsync(f.fileno())
+        _fsync_dir(dirpath)
+
+
+def written_by(name: str, rank: int) -> bool:
+    """Whether `rank` wrote checkpoint file `name`: per-rank files name their rank; rank 0 writes the others."""
+    m = RANK_FILE_RE.search(name)
+    return int(m.group(1)) == rank if m else rank == 0
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -62,11 +80,7 @@ def _write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync_dir(path.parent)
 
 
 def rng_state() -> dict:
@@ -134,11 +148,52 @@ class Checkpointer:
         return done[-1] if done else None
 
     def remove_unfinished(self) -> None:
-        """Rank 0, at start: folders of saves that were interrupted are garbage."""
+        """Rank 0, at start: folders of saves (and conversions) that were interrupted are garbage; the old copy of a
+        step whose re-save was interrupted between its two renames is put back."""
         if self.rank == 0 and self.dir.is_dir():
             for p in self.dir.glob(".tmp-step-*"):
                 shutil.rmtree(p, ignore_errors=True)
+            for old in self.dir.glob(".old-step-*"):
+                final = self.dir / old.name.removeprefix(".old-")
+                if final.exists():
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.replace(old, final)
+            for step in self.complete():
+                shutil.rmtree(step / f".tmp-{universal.UNIVERSAL}", ignore_errors=True)
+                (step / universal.FAILED).unlink(missing_ok=True)
         self.accelerator.wait_for_everyone()
+
+    def plan_resume(self, cfg: RunConfig) -> universal.Resume | None:
+        """Which checkpoint this run resumes from and how (None: a fresh start). Raises CheckpointError when the
+        config changes what a resumed run must keep, or the checkpoint cannot be loaded on this world size."""
+        import yaml
+
+        path = self.latest()
+        if path is None:
+            return None
+        saved_cfg = yaml.safe_load((path / "config.yaml").read_text())
+        diffs = frozen_differences(saved_cfg, cfg)
+        if diffs:
+            raise CheckpointError(f"cannot resume from {path}: the config changes what a resumed run must keep: "
+                                  + "; ".join(diffs) + ". Use a new train.output_dir to start a new run.")
+        state = json.loads((path / "trainer_state.json").read_text())
+        saved_world, saved_stage = int(state["world_size"]), int(saved_cfg["train"]["zero_stage"])
+        try:
+            return universal.plan(path, saved_world, saved_stage, self.accelerator.num_processes,
+                                  cfg.train.zero_stage)
+        except universal.ResumeError as e:
+            raise CheckpointError(str(e)) from None
+
+    def prepare_universal(self, resume: universal.Resume) -> None:
+        """Make sure `resume.path` has its universal checkpoint: rank 0 converts, the others wait on the files."""
+        try:
+            if self.rank == 0:
+                universal.convert(resume.path)
+            else:
+                universal.wait_for(resume.path)
+        except universal.ResumeError as e:
+            raise CheckpointError(str(e)) from None
 
     # ---- save ------------------------------------------------------------------------------------------------
 
@@ -153,15 +208,21 @@ class Checkpointer:
         self.accelerator.wait_for_everyone()
         engine.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False)
         torch.save(rng_state(), tmp / "rng" / f"rank-{self.rank:05d}.pt")
+        # Each rank flushes what it wrote: rank 0's fsync reaches only its own node's cache.
+        fsync_tree(tmp, keep=lambda n: written_by(n, self.rank))
         self.accelerator.wait_for_everyone()
         if self.rank == 0:
             (tmp / "trainer_state.json").write_text(json.dumps(trainer_state | {"step": step}, indent=2))
             save_config(cfg, tmp / "config.yaml")
             _fault_point(f"before_rename:{name}")
-            _fsync_tree(tmp)
-            if final.exists():  # re-saving a step (e.g. a signal right after a periodic save)
-                shutil.rmtree(final)
+            fsync_tree(tmp, keep=lambda n: n in ("trainer_state.json", "config.yaml"))
+            old = self.dir / f".old-{name}"
+            if final.exists():  # re-saving a step (e.g. a signal right after a periodic save): keep it until the
+                os.replace(final, old)  # new copy is in place
+                _fault_point(f"resave_between_renames:{name}")
             os.replace(tmp, final)
+            _fsync_dir(self.dir)
+            shutil.rmtree(old, ignore_errors=True)
             _write_atomic(self.dir / "latest", name)
             for old in self.complete()[:-self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -170,25 +231,43 @@ class Checkpointer:
 
     # ---- load ------------------------------------------------------------------------------------------------
 
-    def load(self, path: Path, engine, cfg: RunConfig) -> dict:
-        """Restore model, optimizer, scheduler and RNG from `path`; return the trainer state."""
-        import yaml
-
-        saved_cfg = yaml.safe_load((path / "config.yaml").read_text())
-        diffs = frozen_differences(saved_cfg, cfg)
-        if diffs:
-            raise CheckpointError(f"cannot resume from {path}: the config changes what a resumed run must keep:\n  "
-                                  + "\n  ".join(diffs) + "\nUse a new train.output_dir to start a new run.")
-        vet_deepspeed_folder(path / "deepspeed")
-        load_path, _ = engine.load_checkpoint(str(path), tag="deepspeed", load_optimizer_states=True,
+    def load(self, resume: universal.Resume, engine) -> dict:
+        """Restore model, optimizer and RNG from a planned resume (see `plan_resume`); return the trainer state."""
+        path = resume.path
+        tag = universal.UNIVERSAL if resume.universal else "deepspeed"
+        vet_deepspeed_folder(path / tag)
+        # The optimizer's hyperparameters come from the run config, not the checkpoint: DeepSpeed's ZeRO-3 universal
+        # load copies the first parameter group's settings into every group, which would put weight decay on the
+        # norms.
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
+        load_path, _ = engine.load_checkpoint(str(path), tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
         if load_path is None:
-            raise CheckpointError(f"DeepSpeed could not load {path / 'deepspeed'}")
+            raise CheckpointError(f"DeepSpeed could not load {path / tag}")
+        for group, settings in zip(engine.optimizer.param_groups, groups, strict=True):
+            group.update(settings)
+        _unshare_step_counters(engine.optimizer)
         state = json.loads((path / "trainer_state.json").read_text())
         rng_file = path / "rng" / f"rank-{self.rank:05d}.pt"
         if rng_file.is_file() and state.get("world_size") == self.accelerator.num_processes:
             set_rng_state(torch.load(rng_file, weights_only=True))
         return state
+
+
+def _unshare_step_counters(optimizer) -> None:
+    """Give every parameter's Adam step counter a tensor of its own. DeepSpeed's ZeRO-3 universal load puts one
+    tensor object into every sub-group's state; torch's Adam increments it in place once per sub-group, so after the
+    first resumed step the bias correction uses a step count too high by the number of groups (on the tiny preset,
+    2 -> 1 processes: a loss 1.8e-3 (relative) off the uninterrupted run's two steps after the resume)."""
+    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer  # Accelerate's and DeepSpeed's wrappers, down to torch's AdamW
+    seen = set()
+    for state in getattr(optimizer, "state", {}).values():
+        step = state.get("step")
+        if torch.is_tensor(step):
+            if id(step) in seen:
+                state["step"] = step.clone()
+            seen.add(id(step))
 
 
 def _fault_point(name: str) -> None:

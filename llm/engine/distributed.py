@@ -33,6 +33,7 @@ OWNED_KEYS = {
     "fp16": "train.precision",
     "optimizer": "optim (the optimizer is built by llm.engine.optim)",
     "scheduler": "optim (the schedule is built by llm.engine.optim)",
+    "communication_data_type": "train.grad_reduce_dtype",
 }
 
 
@@ -52,6 +53,19 @@ def _gloo_when_no_accelerator() -> None:
 
     prepare_backend._falls_back_to_gloo = True
     PartialState._prepare_backend = prepare_backend
+
+
+def _default_group_timeout(timeout) -> None:
+    """Make `timeout` the default of every process group created from now on, not only the world group's.
+
+    DeepSpeed reduces gradients over groups of its own (`new_group(ranks)` without a timeout), and torch gives such
+    groups its built-in default (30 min for gloo, 10 for NCCL) whatever the world group was given: a rank that hangs
+    in a gradient all-reduce would otherwise outlast train.collective_timeout_s. `new_group` reads these module
+    defaults when it is called, so setting them before the groups exist reaches all of them."""
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timeout
+    c10d.default_pg_nccl_timeout = timeout
 
 
 def _free_port() -> int:
@@ -95,6 +109,15 @@ def deepspeed_config(train: TrainConfig, grad_clip: float, world_size: int, prec
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage != train.zero_stage:
         raise ConfigError(f"{path}: zero_optimization.stage = {stage} but train.zero_stage = {train.zero_stage}")
+    if precision == "bf16" and stage == 0:
+        raise ConfigError("train.zero_stage = 0 with bf16: DeepSpeed accumulates and all-reduces gradients in bf16 "
+                          "at stage 0; use train.zero_stage: 1 (the same traffic, the optimizer state sharded, "
+                          "gradients accumulated in fp32)")
+    if precision == "bf16":
+        # Without these DeepSpeed accumulates the micro-batches' gradients in bf16 and reduces them in bf16: a sum of
+        # grad_accum x processes terms with 8 mantissa bits. fp32 accumulation always; fp32 reduction by default.
+        ds["data_types"] = {**ds.get("data_types", {}), "grad_accum_dtype": "fp32"}
+        ds["communication_data_type"] = train.grad_reduce_dtype
     ds.update(
         train_micro_batch_size_per_gpu=train.micro_batch_size,
         gradient_accumulation_steps=train.grad_accum,
@@ -108,23 +131,46 @@ def deepspeed_config(train: TrainConfig, grad_clip: float, world_size: int, prec
     return ds
 
 
-def make_accelerator(train: TrainConfig, grad_clip: float):
-    """Initialise the process group through Accelerate with DeepSpeed; returns (accelerator, precision)."""
+def make_accelerator(train: TrainConfig, grad_clip: float, load_universal: bool = False):
+    """Initialise the process group through Accelerate with DeepSpeed; returns (accelerator, precision).
+
+    `load_universal`: the run resumes from a universal checkpoint (saved on another number of processes), which
+    DeepSpeed must know when it builds the engine. Every collective times out after train.collective_timeout_s.
+    """
+    from datetime import timedelta
+
     from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
     _single_process_env()
     _gloo_when_no_accelerator()
     precision = resolve_precision(train)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     ds = deepspeed_config(train, grad_clip, world_size, precision)
+    if load_universal:
+        ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
     plugin = DeepSpeedPlugin(hf_ds_config=ds)
+    _default_group_timeout(timedelta(seconds=train.collective_timeout_s))
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=train.collective_timeout_s))
     accelerator = Accelerator(deepspeed_plugin=plugin, mixed_precision="bf16" if precision == "bf16" else "no",
-                              gradient_accumulation_steps=train.grad_accum)
+                              gradient_accumulation_steps=train.grad_accum, kwargs_handlers=[timeout])
     if accelerator.num_processes != world_size:
         raise RuntimeError(f"Accelerate sees {accelerator.num_processes} processes but the launcher started "
                            f"{world_size}; refusing to train with unsharded data")
     return accelerator, precision
+
+
+def write_deepspeed_config(accelerator, path: str) -> None:
+    """The DeepSpeed config that ran (after Accelerate and DeepSpeed filled it in), for the user to read."""
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    Path(path).write_text(json.dumps(ds, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def is_collective_timeout(error: BaseException) -> bool:
+    """Whether `error` is a collective that timed out (gloo: "Timed out waiting ..."; NCCL's watchdog: "Watchdog
+    caught collective operation timeout"; torch's DistBackendError wraps both)."""
+    text = str(error).lower()
+    return isinstance(error, (RuntimeError, TimeoutError)) and ("timed out" in text or "timeout" in text)
 
 
 def is_main() -> bool:

@@ -61,8 +61,11 @@ class Metrics:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.out = out
+        # A run resumed at step N will log N+1... again: drop what the previous attempt logged past its checkpoint,
+        # here and in TensorBoard (purge_step removes events at or after it).
+        truncate_jsonl(out / "metrics.jsonl", start_step)
         self.jsonl = open(out / "metrics.jsonl", "a")
-        self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_step)
+        self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1)
         # A bar for terminals; in a log file (Slurm, CI) one plain line per logged step instead of redraws.
         self.interactive = sys.stderr.isatty()
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
@@ -118,6 +121,22 @@ class Metrics:
         self.tb.close()
         self.jsonl.close()
         plot_loss_curve(self.out / "metrics.jsonl", self.out / "loss.png")
+
+
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keep the records of metrics.jsonl up to and including `last_step` (atomically: a temporary file, renamed)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= last_step:
+                kept.append(line)
+        except json.JSONDecodeError:  # a line cut short by a kill: drop it
+            continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
 
 
 def plot_loss_curve(jsonl: Path, png: Path) -> None:

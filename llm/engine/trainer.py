@@ -13,13 +13,15 @@ import math
 import os
 import random
 import sys
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
-from llm.checkpoint import Checkpointer
+from llm.checkpoint import Checkpointer, CheckpointError
 from llm.config import RunConfig, save_config
-from llm.engine.distributed import make_accelerator, print0
+from llm.engine.distributed import is_collective_timeout, make_accelerator, print0, write_deepspeed_config
 from llm.engine.metrics import Metrics, device_peak_tflops
 from llm.engine.optim import build_optimizer, lr_factor, set_lr
 from llm.engine.signals import PREEMPTED_EXIT_CODE, StopFlag, clear_preempted_marker, write_preempted_marker
@@ -65,13 +67,36 @@ def init_from_hf(model: torch.nn.Module, cfg: RunConfig) -> None:
     print0(f"initialised from {cfg.train.init_from}")
 
 
-def train(cfg: RunConfig, config_path: str = "") -> int:
-    accelerator, precision = make_accelerator(cfg.train, cfg.optim.grad_clip)
+@dataclass
+class Run:
+    """Everything a training loop needs, set up: the engine (resumed, when the output folder has a checkpoint)."""
+
+    cfg: RunConfig
+    accelerator: Any
+    precision: str
+    task: Any
+    train_loader: Any
+    val_loader: Any
+    engine: Any
+    optimizer: Any
+    checkpointer: Checkpointer
+    flops_per_token: float
+    step: int = 0
+    tokens: int = 0
+
+
+def start(cfg: RunConfig, accelerator, precision: str) -> Run:
+    """Build data, model, optimizer and engine, and resume from the output folder's latest checkpoint."""
     rank, world = accelerator.process_index, accelerator.num_processes
     out = cfg.train.output_dir
-    print0(f"llm train: {world} process(es), ZeRO-{cfg.train.zero_stage}, {precision}, "
-           f"device {accelerator.device}, task {cfg.task}, output {out}")
     seed_everything(cfg.train.seed)
+    checkpointer = Checkpointer(out, accelerator, cfg.train.keep_last)
+    checkpointer.remove_unfinished()
+    # Before the engine exists: a checkpoint from another world size (or ZeRO stage) loads as a universal
+    # checkpoint, which DeepSpeed must be told when it builds the engine; a config that cannot resume fails here.
+    resume = checkpointer.plan_resume(cfg)
+    if resume is not None and resume.universal:
+        accelerator.state.deepspeed_plugin.deepspeed_config.setdefault("checkpoint", {})["load_universal"] = True
 
     task = make_task(cfg)
     train_loader, val_loader = task.loaders(rank, world)  # first: bad data fails before the model is built
@@ -86,36 +111,59 @@ def train(cfg: RunConfig, config_path: str = "") -> int:
         for block in model.layers:
             block.compile()
     optimizer = build_optimizer(model, cfg.optim, offload=cfg.train.offload)
+    if resume is not None and resume.universal:
+        print0(f"resuming {resume.path.name} on a different number of processes or ZeRO stage: converting it to a "
+               f"universal checkpoint (once; kept in {resume.path / 'universal'})")
+        checkpointer.prepare_universal(resume)  # rank 0 converts; the others wait on the file system
     engine, optimizer = accelerator.prepare(model, optimizer)
-
-    checkpointer = Checkpointer(out, accelerator, cfg.train.keep_last)
-    checkpointer.remove_unfinished()
-    if accelerator.is_main_process:
-        clear_preempted_marker(out)
-    step, tokens = 0, 0
-    resume = checkpointer.latest()
-    if resume is not None:
-        state = checkpointer.load(resume, engine, cfg)
-        step, tokens = state["step"], state["tokens"]
-        train_loader.load_state_dict(state["loader"])
-        print0(f"resumed from {resume} at step {step} (saved with {state['world_size']} process(es))")
+    run = Run(cfg, accelerator, precision, task, train_loader, val_loader, engine, optimizer, checkpointer,
+              flops_per_token)
     if accelerator.is_main_process:
         os.makedirs(out, exist_ok=True)
+        write_deepspeed_config(accelerator, os.path.join(out, "deepspeed_config.json"))
+        clear_preempted_marker(out)
+    if resume is not None:
+        state = checkpointer.load(resume, engine)
+        run.step, run.tokens = state["step"], state["tokens"]
+        train_loader.load_state_dict(state["loader"])
+        print0(f"resumed from {resume.path} at step {run.step}{resume.describe(world, cfg.train.zero_stage)}")
+        saved_batch, batch = state.get("global_batch"), getattr(train_loader, "global_batch_size", None)
+        if saved_batch is not None and saved_batch != batch:
+            print0(f"note: the global batch changes from {saved_batch} to {batch} sequences per micro-step "
+                   f"(train.micro_batch_size x processes)")
+    if accelerator.is_main_process:
         save_config(cfg, os.path.join(out, "config.yaml"))
     print0(f"model: {n_params:,} parameters, {flops_per_token:.3e} training FLOPs/token {flops_at}")
+    return run
 
-    metrics = Metrics(out, cfg.train.steps, step, flops_per_token,
-                      device_peak_tflops(precision, cfg.train.peak_tflops), world)
+
+def train(cfg: RunConfig, config_path: str = "") -> int:
+    accelerator, precision = make_accelerator(cfg.train, cfg.optim.grad_clip)
+    try:
+        print0(f"llm train: {accelerator.num_processes} process(es), ZeRO-{cfg.train.zero_stage}, {precision}, "
+               f"device {accelerator.device}, task {cfg.task}, output {cfg.train.output_dir}")
+        return _loop(start(cfg, accelerator, precision), config_path)
+    finally:
+        # Take the process group down before the interpreter exits: left to interpreter teardown, gloo's threads
+        # can abort a worker ("terminate called without an active exception") after all its work is done.
+        accelerator.end_training()
+
+
+def _loop(run: Run, config_path: str) -> int:
+    cfg, accelerator, engine, optimizer, task = run.cfg, run.accelerator, run.engine, run.optimizer, run.task
+    world, out, step, tokens = accelerator.num_processes, cfg.train.output_dir, run.step, run.tokens
+    metrics = Metrics(out, cfg.train.steps, step, run.flops_per_token,
+                      device_peak_tflops(run.precision, cfg.train.peak_tflops), world)
     metrics.reset_clock(tokens)
     stop = StopFlag().install()
-    batches = iter(train_loader)
+    batches = iter(run.train_loader)
 
     def trainer_state() -> dict:
-        return {"tokens": tokens, "loader": train_loader.state_dict(), "world_size": world,
-                "config_path": config_path}
+        return {"tokens": tokens, "loader": run.train_loader.state_dict(), "world_size": world,
+                "global_batch": getattr(run.train_loader, "global_batch_size", None), "config_path": config_path}
 
     def save(at_step: int) -> None:
-        path = checkpointer.save(at_step, engine, trainer_state(), cfg)
+        path = run.checkpointer.save(at_step, engine, trainer_state(), cfg)
         print0(f"saved checkpoint {path}")
 
     try:
@@ -149,8 +197,8 @@ def train(cfg: RunConfig, config_path: str = "") -> int:
                     ds_norm = engine.get_global_grad_norm()
                     norm = float(ds_norm) if ds_norm is not None else float("nan")
                 metrics.log(step, tokens, {"loss": gathered[:, 0].mean().item(), "grad_norm": norm, "lr": lr})
-            if val_loader is not None and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
-                metrics.log_eval(step, task.evaluate(engine, val_loader, accelerator))
+            if run.val_loader is not None and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
+                metrics.log_eval(step, task.evaluate(engine, run.val_loader, accelerator))
                 metrics.reset_clock(tokens)  # keep evaluation time out of tokens/s
             signalled = gathered[:, 1].sum().item() > 0
             if signalled or (cfg.train.save_every and step % cfg.train.save_every == 0) or step == cfg.train.steps:
@@ -167,10 +215,7 @@ def train(cfg: RunConfig, config_path: str = "") -> int:
     finally:
         stop.restore()
         metrics.close()
-        # Take the process group down before the interpreter exits: left to interpreter teardown, gloo's threads
-        # can abort a worker ("terminate called without an active exception") after all its work is done.
-        accelerator.end_training()
-    print0(f"done: {step} steps; checkpoint {checkpointer.latest()}")
+    print0(f"done: {step} steps; checkpoint {run.checkpointer.latest()}")
     return 0
 
 
@@ -180,3 +225,13 @@ def main(cfg: RunConfig, config_path: str) -> int:
     except NonFiniteLoss as e:
         print(f"llm train: {e}", file=sys.stderr, flush=True)
         return 3
+    except CheckpointError as e:
+        print(f"llm train: {e}", file=sys.stderr, flush=True)
+        return 1
+    except Exception as e:
+        if not is_collective_timeout(e):
+            raise
+        print(f"llm train: a collective operation timed out after train.collective_timeout_s = "
+              f"{cfg.train.collective_timeout_s:g} s: another rank stopped answering (hung, stopped or dead); "
+              f"exiting. ({str(e).splitlines()[0][:300]})", file=sys.stderr, flush=True)
+        return 1

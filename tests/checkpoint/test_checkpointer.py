@@ -66,3 +66,50 @@ def test_frozen_differences_of_a_translation_run():
     assert frozen_differences(saved, cfg) == ["data.max_tokens: checkpoint has 4096, config has 1000"]
     assert frozen_differences(to_dict(RunConfig(model=load_model_config("tiny"))), cfg) == [
         "task: checkpoint has 'lm', config has 'translation'"]
+
+
+def test_each_rank_fsyncs_the_files_it_wrote():
+    from llm.checkpoint.checkpointer import written_by
+
+    rank1 = ["zero_pp_rank_1_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+             "zero_pp_rank_1_mp_rank_00_model_states.pt", "rank-00001.pt"]
+    rank0 = ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "rank-00000.pt",
+             "zero_to_fp32.py"]
+    assert all(written_by(n, 1) and not written_by(n, 0) for n in rank1)
+    assert all(written_by(n, 0) and not written_by(n, 1) for n in rank0)
+    assert written_by("zero_pp_rank_12_mp_rank_00_optim_states.pt", 12)
+    assert not written_by("zero_pp_rank_12_mp_rank_00_optim_states.pt", 1)
+
+
+def test_remove_unfinished_puts_back_the_old_copy_of_an_interrupted_resave(tmp_path):
+    ck = Checkpointer(tmp_path, _OneProcess(), keep_last=2)
+    ck.dir.mkdir()
+    for name in (".old-step-00000004", ".old-step-00000002", "step-00000002"):
+        (ck.dir / name).mkdir()
+        (ck.dir / name / "trainer_state.json").write_text(name)
+    ck.remove_unfinished()
+    # step 4: the new copy never landed, the old one is back; step 2: the new copy landed, the old one goes.
+    assert (ck.dir / "step-00000004" / "trainer_state.json").read_text() == ".old-step-00000004"
+    assert (ck.dir / "step-00000002" / "trainer_state.json").read_text() == "step-00000002"
+    assert not list(ck.dir.glob(".old-*"))
+
+
+def test_resume_plans(tmp_path):
+    import pytest
+
+    from llm.checkpoint.universal import ResumeError, plan
+
+    ds = tmp_path / "deepspeed"
+    ds.mkdir()
+    (ds / "mp_rank_00_model_states.pt").touch()
+    assert not plan(tmp_path, 2, 0, 1, 0).universal  # ZeRO-0 fp32: whole states, any world size
+    with pytest.raises(ResumeError, match="saved with ZeRO-0 on 2 process.*ZeRO-2 on 1.*resumes only at ZeRO-0"):
+        plan(tmp_path, 2, 0, 1, 2)
+    for rank in (0, 1):
+        (ds / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").touch()
+    assert not plan(tmp_path, 2, 2, 2, 2).universal  # same world and stage: DeepSpeed's own load
+    assert plan(tmp_path, 2, 2, 1, 2).universal
+    assert plan(tmp_path, 2, 3, 4, 3).universal
+    assert plan(tmp_path, 2, 2, 2, 3).universal  # another ZeRO stage re-slices the same way
+    with pytest.raises(ResumeError, match="resumes only at ZeRO-0"):
+        plan(tmp_path, 2, 2, 2, 0)

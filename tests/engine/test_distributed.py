@@ -30,3 +30,29 @@ def test_json_setting_what_the_run_config_owns_is_an_error(tmp_path):
         deepspeed_config(TrainConfig(zero_stage=2, deepspeed_config=str(path)), 1.0, 1, "fp32")
     with pytest.raises(ConfigError, match="file not found"):
         deepspeed_config(TrainConfig(deepspeed_config=str(tmp_path / "none.json")), 1.0, 1, "fp32")
+
+
+def test_bf16_accumulates_and_reduces_gradients_in_fp32_by_default():
+    ds = deepspeed_config(TrainConfig(zero_stage=2, grad_accum=16), 1.0, 8, "bf16")
+    assert ds["bf16"] == {"enabled": True}
+    assert ds["data_types"]["grad_accum_dtype"] == "fp32" and ds["communication_data_type"] == "fp32"
+    ds = deepspeed_config(TrainConfig(zero_stage=3, grad_reduce_dtype="bf16"), 1.0, 8, "bf16")
+    assert ds["data_types"]["grad_accum_dtype"] == "fp32" and ds["communication_data_type"] == "bf16"
+    assert "data_types" not in deepspeed_config(TrainConfig(zero_stage=2), 1.0, 1, "fp32")
+
+
+def test_bf16_at_zero_stage_0_is_refused():
+    # DeepSpeed's stage 0 accumulates bf16 gradients in bf16 (no fp32 accumulation there).
+    with pytest.raises(ConfigError, match="zero_stage = 0 with bf16.*use train.zero_stage: 1"):
+        deepspeed_config(TrainConfig(zero_stage=0), 1.0, 8, "bf16")
+
+
+def test_bf16_deepspeed_engine_accumulates_in_fp32():
+    """DeepSpeed itself reads the config as fp32 accumulation (its data-type resolution, not only our dict)."""
+    import torch
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    ds = deepspeed_config(TrainConfig(zero_stage=2, grad_accum=4, micro_batch_size=2), 1.0, 1, "bf16")
+    parsed = DeepSpeedConfig(ds)
+    assert parsed.bfloat16_config.enabled and parsed.grad_accum_dtype == "fp32"
+    assert parsed.communication_data_type == torch.float32

@@ -48,6 +48,8 @@ def test_zero_stage_on_two_processes_matches_one_process(packed_data, tmp_path, 
         assert val[step] == pytest.approx(loss, rel=1e-4), (step, val[step], loss)
     state = json.loads((tmp_path / "run/checkpoints/step-00000012/trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["loader"]["consumed"] == 12 * 2 * 4 * 2
+    ran = json.loads((tmp_path / "run/deepspeed_config.json").read_text())  # what DeepSpeed ran with
+    assert ran["zero_optimization"]["stage"] == stage and ran["train_batch_size"] == 16
     assert (tmp_path / "run/loss.png").stat().st_size > 0
 
 
@@ -65,6 +67,9 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(packed_data, tmp_pat
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout and "step-00000004 at step 4" in result.stdout
     assert losses(tmp_path / "killed/run") == expected  # exact, every step
+    # The steps the killed attempt logged past its checkpoint are gone: each step appears once.
+    steps = [json.loads(line)["step"] for line in (tmp_path / "killed/run/metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))
 
 
 def test_sigterm_to_one_rank_saves_the_current_step_on_all_ranks(packed_data, tmp_path):
@@ -113,12 +118,62 @@ def test_kill_during_save_resumes_from_the_previous_checkpoint(packed_data, tmp_
     assert (ckpts / "latest").read_text() == "step-00000006"
 
 
+def test_resaving_a_step_is_atomic(packed_data, tmp_path):
+    config = write_config(tmp_path, packed_data, save_every=2, steps=4)
+    assert run_train(config, 2).returncode == 0
+    ckpts = tmp_path / "run/checkpoints"
+    # As after a kill between renaming step 4 into place and updating `latest`: the run resumes from step 2 and
+    # saves step 4 again. Kill it between moving the old step 4 aside and renaming the new one into place.
+    (ckpts / "latest").write_text("step-00000002")
+    result = run_train(config, 2, LLM_FAULT="resave_between_renames:step-00000004")
+    assert result.returncode != 0
+    assert not (ckpts / "step-00000004").exists()
+    assert (ckpts / ".old-step-00000004/trainer_state.json").is_file()  # nothing was deleted yet
+    assert (ckpts / ".tmp-step-00000004/trainer_state.json").is_file()
+    result = run_train(config, 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (ckpts / "latest").read_text() == "step-00000004"
+    assert not list(ckpts.glob(".old-*")) and not list(ckpts.glob(".tmp-*"))
+    assert json.loads((ckpts / "step-00000004/trainer_state.json").read_text())["step"] == 4
+
+
+def test_a_stopped_rank_ends_the_job_within_the_collective_timeout(packed_data, tmp_path):
+    import os
+    import time
+
+    import psutil
+
+    timeout = 30
+    config = write_config(tmp_path, packed_data, steps=100000, collective_timeout_s=timeout)
+    proc = start_train(config)
+    wait_for(proc, "step 3/")
+    rank0, rank1 = (psutil.Process(_rank_pid(proc.pid, r)) for r in (0, 1))
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    os.kill(rank1.pid, signal.SIGSTOP)  # rank 1 stops answering in the middle of the run
+    stopped = time.time()
+    try:
+        gone, _ = psutil.wait_procs([rank0], timeout=timeout + 30)
+        assert gone, f"rank 0 still running {timeout + 30} s after rank 1 stopped"
+        waited = time.time() - stopped
+        out, _ = proc.communicate(timeout=120)  # the launcher then takes rank 1 down and exits
+    finally:
+        for p in tree:
+            if p.is_running():
+                p.kill()
+    assert waited <= timeout + 30, waited
+    assert "llm train: a collective operation timed out after train.collective_timeout_s = 30 s" in out, out[-3000:]
+    assert proc.returncode != 0
+    alive = [p.pid for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"processes left behind: {alive}"
+
+
 def test_changed_model_shape_on_resume_is_a_clear_error(packed_data, tmp_path):
     config = write_config(tmp_path, packed_data, steps=2)
     assert run_train(config, 1).returncode == 0
     result = run_train(config, 1, ["model.n_layers=2", "train.steps=4"])
     assert result.returncode != 0
     assert "model.n_layers: checkpoint has 4, config has 2" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("llm train: cannot resume")
 
 
 def test_nonfinite_loss_stops_before_the_optimizer_step(packed_data, tmp_path):
