@@ -167,6 +167,29 @@ def test_a_stopped_rank_ends_the_job_within_the_collective_timeout(packed_data, 
     assert not alive, f"processes left behind: {alive}"
 
 
+@pytest.mark.parametrize("keep_mtime", [False, True], ids=["at_start", "when_read"])
+def test_a_flipped_byte_stops_the_run_naming_the_shard(packed_data, tmp_path, keep_mtime):
+    import os
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(packed_data, data)
+    shard = data / "train_00000.bin"
+    st = shard.stat()
+    with open(shard, "r+b") as f:
+        f.seek(st.st_size // 2)
+        byte = f.read(1)
+        f.seek(st.st_size // 2)
+        f.write(bytes([byte[0] ^ 0x10]))
+    if keep_mtime:  # as bit rot: the stat the start-up check compares is unchanged
+        os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    result = run_train(write_config(tmp_path, data, steps=12), 1)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("llm train: DataError: ") and str(shard) in last, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
 def test_changed_model_shape_on_resume_is_a_clear_error(packed_data, tmp_path):
     config = write_config(tmp_path, packed_data, steps=2)
     assert run_train(config, 1).returncode == 0
