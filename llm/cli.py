@@ -14,7 +14,7 @@ TRANSLATION_INFO_LEN = 64  # `llm info` of a translation model: FLOPs for senten
 
 
 def _info(args: argparse.Namespace) -> int:
-    from llm.engine.memory import model_state_memory
+    from llm.engine.memory import build_host_memory, model_state_memory
     from llm.models import build_model
 
     cfg = load_config(args.config, args.overrides)
@@ -41,11 +41,14 @@ def _info(args: argparse.Namespace) -> int:
     flops = model.flops_per_token(seq_len)
     attention_flops = model.attention_flops_per_token(seq_len)
     stages = model_state_memory(params, model.largest_layer_params(), args.gpus, args.precision)
+    largest_param = max(p.numel() for p in model.parameters())
+    build = build_host_memory(params, largest_param, args.gpus, args.precision)
     if args.json:
         print(json.dumps({
             "parameters": params, "embedding_parameters": embedding, "seq_len": seq_len,
             "flops_per_token": flops, "gpus": args.gpus, "precision": args.precision,
             "model_states_bytes_per_gpu": {s.name: {"gpu": s.gpu_bytes, "cpu": s.cpu_bytes} for s in stages},
+            "build_host_bytes_per_process": build, "largest_parameter": largest_param,
         }, indent=2))
         return 0
     print(f"config        {args.config}")
@@ -63,6 +66,12 @@ def _info(args: argparse.Namespace) -> int:
         if s.cpu_bytes:
             line += f"   + {s.cpu_bytes / GB:.2f} GB host memory per GPU"
         print(line)
+    print(f"\nHost memory per process to build the model ({args.gpus} process{'es' if args.gpus > 1 else ''}; "
+          "before DeepSpeed's prepare, plus ~0.3 GB for torch and DeepSpeed):")
+    print(f"  {'ZeRO-0/1/2':<22}{build['ZeRO-0/1/2'] / GB:10.2f} GB   the whole model in fp32 on every process")
+    print(f"  {'ZeRO-3':<22}{build['ZeRO-3'] / GB:10.2f} GB   partitioned: 1/{args.gpus} of the model in "
+          f"{args.precision} + its largest parameter ({largest_param:,}) whole")
+    print(" " * 40 + "for a moment; on GPUs this is on the GPU instead, unless parameters are offloaded")
     return 0
 
 

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from llm.engine.memory import model_state_memory
+from llm.engine.memory import build_host_memory, model_state_memory
 
 
 def llm(*args: str) -> subprocess.CompletedProcess:
@@ -34,6 +34,30 @@ def test_info_json_matches_the_estimator():
     assert data["parameters"] == 1_235_814_400 and data["seq_len"] == 2048
     stages = model_state_memory(1_235_814_400, 2 * 8192 * 2048, 4)  # largest module: the fused gate/up matmul
     assert data["model_states_bytes_per_gpu"]["ZeRO-2"]["gpu"] == stages[2].gpu_bytes
+
+
+def test_info_states_the_host_memory_to_build_the_model():
+    """ZeRO-0/1/2 build the whole fp32 model on every process; ZeRO-3 a 1/N partition plus one whole parameter (the
+    350m preset's largest is its embedding). docs/BENCHMARKS.md compares these with measured peaks."""
+    out = llm("info", "350m", "--gpus", "2", "--precision", "fp32")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.split("Host memory per process to build the model (2 processes")[1].splitlines()
+    whole = next(line for line in lines if line.strip().startswith("ZeRO-0/1/2"))
+    partitioned = next(line for line in lines if line.strip().startswith("ZeRO-3"))
+    assert float(whole.split()[1]) == pytest.approx(4 * 361_821_120 / 1e9, abs=0.01)
+    assert float(partitioned.split()[1]) == pytest.approx(4 * (361_821_120 / 2 + 49152 * 960) / 1e9, abs=0.01)
+    data = json.loads(llm("info", "7b", "--gpus", "8", "--json").stdout)
+    assert data["largest_parameter"] == 32000 * 4096
+    assert data["build_host_bytes_per_process"] == build_host_memory(6_738_415_616, 32000 * 4096, 8, "bf16")
+    assert data["build_host_bytes_per_process"]["ZeRO-3"] == 2 * (6_738_415_616 / 8 + 32000 * 4096)  # bf16
+
+
+def test_build_host_memory_shrinks_with_processes_only_under_zero3():
+    one, eight = build_host_memory(10**9, 10**7, 1, "fp32"), build_host_memory(10**9, 10**7, 8, "fp32")
+    assert one["ZeRO-0/1/2"] == eight["ZeRO-0/1/2"] == 4e9
+    assert eight["ZeRO-3"] == 4 * (10**9 / 8 + 10**7) and one["ZeRO-3"] == 4 * (10**9 + 10**7)
+    with pytest.raises(ValueError, match="processes = 0"):
+        build_host_memory(10, 1, 0)
 
 
 def test_info_config_error_names_key_and_file():

@@ -9,6 +9,16 @@ the largest single module, as DeepSpeed's own estimator does. In pure fp32 train
 Not included: activations (they depend on micro batch, sequence length and checkpointing), the CUDA context
 (~0.5-1 GB), communication buckets and allocator fragmentation. DeepSpeed's `estimate_zero*_model_states_mem_needs`
 also counts an fp32 gradient copy (18 bytes per parameter) and a 1.5x CPU buffer factor, so it reads higher.
+
+`build_host_memory` is the host memory a process needs to build the model, before DeepSpeed's `prepare`
+(`llm.engine.build`). ZeRO-0/1/2 build the whole model in fp32 on every process: 4 bytes per parameter. ZeRO-3 builds
+it partitioned (deepspeed.zero.Init): each process keeps 1/N of every parameter, in the training dtype, and holds one
+whole parameter for a moment while it is being partitioned, so 4 (fp32) or 2 (bf16) bytes x (params / N + the largest
+single parameter). On GPUs those ZeRO-3 partitions are made on the GPU and the host needs almost none of it, unless
+parameters are offloaded (`offload_param`) or training runs on the CPU. Not counted: the ~0.3 GB of a process that has
+imported torch, DeepSpeed and Accelerate, and what `prepare` allocates next (on the CPU, in fp32, under ZeRO-3: a
+contiguous copy of the partitions, an fp32 master copy and a gradient buffer, ~12 more bytes x params / N, measured
+in docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -39,3 +49,13 @@ def model_state_memory(params: int, largest_layer: int, gpus: int, precision: st
         StageMemory("ZeRO-3", (w + g + o) / gpus + gathered),
         StageMemory("ZeRO-3 + CPU offload", gathered, (w + g + o) / gpus),
     ]
+
+
+def build_host_memory(params: int, largest_param: int, processes: int, precision: str = "bf16") -> dict[str, float]:
+    """Host bytes per process to build the model: {"ZeRO-0/1/2": whole fp32 model, "ZeRO-3": partitioned}."""
+    if precision not in BYTES:
+        raise ValueError(f"precision {precision!r}: expected one of {', '.join(BYTES)}")
+    if processes < 1:
+        raise ValueError(f"processes = {processes}: must be at least 1")
+    weight = 2 if precision == "bf16" else 4  # zero.Init creates the parameters in the training dtype
+    return {"ZeRO-0/1/2": 4.0 * params, "ZeRO-3": weight * (params / processes + largest_param)}

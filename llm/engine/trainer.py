@@ -21,6 +21,7 @@ import torch
 
 from llm.checkpoint import Checkpointer, CheckpointError
 from llm.config import RunConfig, save_config
+from llm.engine.build import build_for_training
 from llm.engine.distributed import is_collective_timeout, make_accelerator, print0, write_deepspeed_config
 from llm.engine.metrics import Metrics, device_peak_tflops
 from llm.engine.optim import build_optimizer, lr_factor, set_lr
@@ -57,16 +58,6 @@ def _grad_norm(engine) -> float | None:
     return None
 
 
-def init_from_hf(model: torch.nn.Module, cfg: RunConfig) -> None:
-    """Start from a Hugging Face Llama's weights (a resumed run then overwrites them with its checkpoint)."""
-    from llm.export.hf import check_same_shape, load_hf_folder
-
-    hf_cfg, state = load_hf_folder(cfg.train.init_from)
-    check_same_shape(cfg.model, hf_cfg, cfg.train.init_from)
-    model.load_state_dict(state, strict=True)
-    print0(f"initialised from {cfg.train.init_from}")
-
-
 @dataclass
 class Run:
     """Everything a training loop needs, set up: the engine (resumed, when the output folder has a checkpoint)."""
@@ -100,9 +91,7 @@ def start(cfg: RunConfig, accelerator, precision: str) -> Run:
 
     task = make_task(cfg)
     train_loader, val_loader = task.loaders(rank, world)  # first: bad data fails before the model is built
-    model = task.build_model()
-    if cfg.train.init_from:
-        init_from_hf(model, cfg)
+    model = build_for_training(task, cfg, accelerator)  # partitioned under ZeRO-3, same weights on any world size
     flops_per_token, flops_at = task.flops_per_token(model)
     n_params = model.num_params()
     if cfg.train.activation_checkpointing:

@@ -9,12 +9,22 @@ import torch
 from llm.config import ModelConfig
 
 from .decoder import Decoder
+from .init import init_deferred, no_init
 
 
-def build_model(cfg: ModelConfig, device: str | torch.device | None = None) -> Decoder:
-    """Build the model for `cfg`. On `device="meta"` nothing is allocated: use it to count or size a model."""
+def build_model(cfg: ModelConfig, device: str | torch.device | None = None, seed: int | None = None) -> Decoder:
+    """Build the model for `cfg`. On `device="meta"` nothing is allocated: use it to count or size a model.
+
+    The initial weights are a function of `seed` alone (any device, any number of threads); without one, a seed is
+    drawn from torch's global generator. Inside `llm.models.init.no_init()` the parameters are left uninitialised.
+    """
     with contextlib.nullcontext() if device is None else torch.device(device):
-        return Decoder(cfg)
+        if seed is None or init_deferred():
+            return Decoder(cfg)
+        with no_init():
+            model = Decoder(cfg)
+    model.init_weights(seed)
+    return model
 
 
 __all__ = ["Decoder", "build_model"]

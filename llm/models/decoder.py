@@ -3,9 +3,11 @@
 Pre-norm blocks (RMSNorm), rotary position embeddings, grouped-query attention on a pluggable backend, SwiGLU
 feed-forward, no biases, optionally tied input/output embeddings.
 
-Initialisation (`init_weights`): embeddings and every linear layer N(0, init_std); the two projections that write
-into the residual stream (attention `wo`, feed-forward `w2`) N(0, init_std / sqrt(2 * n_layers)), as GPT-2 and
-Megatron do, so the residual stream's variance does not grow with depth; norm weights 1.
+Initialisation (`init_rules`, applied by `init_weights`): embeddings and every linear layer N(0, init_std); the two
+projections that write into the residual stream (attention `wo`, feed-forward `w2`) N(0, init_std / sqrt(2 * n_layers)),
+as GPT-2 and Megatron do, so the residual stream's variance does not grow with depth; norm weights 1. A tied output
+projection is the embedding, initialised once. The values are a function of (seed, parameter name) only, drawn in
+chunks (`llm.models.init`), so that a partitioned build can initialise each partition alone and get the same weights.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch.nn as nn
 from llm.attention import DocumentMask, get_attention
 from llm.config import ModelConfig
 
+from .init import ONES, InitRule, init_deferred, init_parameters, no_init, normal
 from .kv_cache import KVCache
 from .layers import RMSNorm, SwiGLU, apply_rope, rope_rotations
 
@@ -63,29 +66,37 @@ class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        initialise = not init_deferred()  # inside no_init() the caller initialises (e.g. partition by partition)
+        with no_init():  # torch's per-layer init would be overwritten by init_weights: skip it
+            self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+            self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+            self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+            self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.init_weights()
+        if initialise:
+            self.init_weights()
+
+    def init_rules(self) -> dict[str, InitRule]:
+        """Each distinct parameter's initialisation, by name, as the module docstring says."""
+        std, out_std = self.cfg.init_std, self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
+        rules = {}
+        for name, module in self.named_modules():
+            if isinstance(module, RMSNorm):
+                rules[f"{name}.weight"] = ONES
+            elif isinstance(module, (nn.Linear, nn.Embedding)):
+                rules[f"{name}.weight"] = normal(std)
+        for i in range(self.cfg.n_layers):
+            rules[f"layers.{i}.attention.wo.weight"] = rules[f"layers.{i}.feed_forward.w2.weight"] = normal(out_std)
+        if self.cfg.tie_embeddings:
+            del rules["output.weight"]  # the embedding's, already there
+        return rules
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """(Re)initialise every parameter as the module docstring says; also after `to_empty` from meta."""
-        std, out_std = self.cfg.init_std, self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
-        nn.init.normal_(self.tok_embeddings.weight, std=std)
-        for block in self.layers:
-            nn.init.normal_(block.attention.wqkv.weight, std=std)
-            nn.init.normal_(block.attention.wo.weight, std=out_std)
-            nn.init.normal_(block.feed_forward.w13.weight, std=std)
-            nn.init.normal_(block.feed_forward.w2.weight, std=out_std)
-            block.attention_norm.reset_parameters()
-            block.ffn_norm.reset_parameters()
-        self.norm.reset_parameters()
-        if not self.cfg.tie_embeddings:
-            nn.init.normal_(self.output.weight, std=std)
+    def init_weights(self, seed: int | None = None, threads: int | None = None) -> None:
+        """(Re)initialise every parameter by `init_rules`; also after `to_empty` from meta. Without a `seed`, one is
+        drawn from torch's global generator."""
+        init_parameters(self, self.init_rules(), seed, threads)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
@@ -122,9 +133,17 @@ class Decoder(nn.Module):
 
     # ---- sizing ----------------------------------------------------------------------------------------------
 
+    def _sized(self) -> Decoder:
+        """A model whose tensors have their shapes: this one, or, where the parameters are held elsewhere (ZeRO-3
+        leaves each rank empty local tensors), a meta-device twin built from the same config."""
+        if all(p.numel() > 0 for p in self.parameters()):
+            return self
+        with torch.device("meta"), no_init():
+            return Decoder(self.cfg)
+
     def num_params(self) -> int:
         """Distinct parameters (a tied embedding counts once)."""
-        return sum(p.numel() for p in self.parameters())
+        return sum(p.numel() for p in self._sized().parameters())
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs (forward + backward) per token at context length `seq_len`.
@@ -132,7 +151,7 @@ class Decoder(nn.Module):
         6 FLOPs per matmul weight (2 forward, 4 backward), counting the output projection even when it is tied to
         the embedding (the lookup itself is free), plus `attention_flops_per_token`.
         """
-        matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        matmul = sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, nn.Linear))
         return 6 * matmul + self.attention_flops_per_token(seq_len)
 
     def attention_flops_per_token(self, seq_len: int) -> float:
@@ -145,4 +164,4 @@ class Decoder(nn.Module):
 
     def largest_layer_params(self) -> int:
         """Parameters of the largest single module (what ZeRO-3 gathers at once in the worst case)."""
-        return max(sum(p.numel() for p in m.parameters(recurse=False)) for m in self.modules())
+        return max(sum(p.numel() for p in m.parameters(recurse=False)) for m in self._sized().modules())

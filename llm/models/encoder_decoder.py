@@ -17,12 +17,14 @@ so the result is the same and SDPA keeps its fastest (mask-free) kernel. Outputs
 meaningful; the loss ignores them.
 
 Initialisation as fairseq's transformer: embeddings and output projection N(0, d_model^-0.5) (scaled by sqrt(d_model)
-the embeddings enter with unit variance, like the position encodings), Xavier-uniform linear weights, zero biases,
-LayerNorm 1 and 0.
+the embeddings enter with unit variance, like the position encodings), Xavier-uniform linear weights (uniform within
++-sqrt(6 / (fan_in + fan_out))), zero biases, LayerNorm 1 and 0. As the decoder's, it is data (`init_rules`) whose
+values depend on (seed, parameter name) only (`llm.models.init`), so ZeRO-3 builds it partitioned like the decoder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -35,6 +37,7 @@ import torch.nn.functional as F
 from llm.attention import get_attention
 from llm.config import ConfigError, TranslationModelConfig
 
+from .init import ONES, ZEROS, InitRule, init_deferred, init_parameters, no_init, normal, uniform
 from .kv_cache import KVCache
 
 
@@ -178,40 +181,50 @@ class EncoderDecoder(nn.Module):
     def __init__(self, cfg: TranslationModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.src_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.tgt_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_encoder_layers))
-        self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_decoder_layers))
-        pre = cfg.norm == "pre"  # post-norm layers end in a LayerNorm already; pre-norm stacks need a last one
-        self.encoder_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if pre else None
-        self.decoder_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if pre else None
-        self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        initialise = not init_deferred()  # inside no_init() the caller initialises (e.g. partition by partition)
+        with no_init():  # torch's per-layer init would be overwritten by init_weights: skip it
+            self.src_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+            self.tgt_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+            self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_encoder_layers))
+            self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_decoder_layers))
+            pre = cfg.norm == "pre"  # post-norm layers end in a LayerNorm already; pre-norm stacks need a last one
+            self.encoder_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if pre else None
+            self.decoder_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if pre else None
+            self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.share_embeddings:
             self.tgt_embeddings.weight = self.src_embeddings.weight
             self.output.weight = self.src_embeddings.weight
         self.dropout = nn.Dropout(cfg.dropout)
         self.embed_scale = math.sqrt(cfg.d_model)
-        self.init_weights()
+        if initialise:
+            self.init_weights()
 
     @property
     def layers(self) -> list[nn.Module]:
         """Every block, encoder first: what the engine wraps for activation checkpointing or compiles."""
         return [*self.encoder_layers, *self.decoder_layers]
 
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """(Re)initialise every parameter as the module docstring says; also after `to_empty` from meta."""
-        for module in self.modules():
+    def init_rules(self) -> dict[str, InitRule]:
+        """Each distinct parameter's initialisation, by name, as the module docstring says."""
+        rules = {}
+        for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
+                rules[f"{name}.weight"] = uniform(math.sqrt(6.0 / (module.in_features + module.out_features)))
                 if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+                    rules[f"{name}.bias"] = ZEROS
             elif isinstance(module, nn.LayerNorm):
-                module.reset_parameters()
-        # Last, over the Xavier init above: the output projection, tied or not, is initialised like an embedding
-        # (fairseq does the same).
-        for weight in (self.src_embeddings.weight, self.tgt_embeddings.weight, self.output.weight):
-            nn.init.normal_(weight, std=self.cfg.d_model ** -0.5)
+                rules[f"{name}.weight"], rules[f"{name}.bias"] = ONES, ZEROS
+            elif isinstance(module, nn.Embedding):
+                rules[f"{name}.weight"] = normal(self.cfg.d_model ** -0.5)
+        # Over the Xavier rule: the output projection, shared or not, is initialised like an embedding (as fairseq).
+        rules["output.weight"] = normal(self.cfg.d_model ** -0.5)
+        return {name: rules[name] for name, _ in self.named_parameters()}  # a shared matrix once, by its first name
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None, threads: int | None = None) -> None:
+        """(Re)initialise every parameter by `init_rules`; also after `to_empty` from meta. Without a `seed`, one is
+        drawn from torch's global generator."""
+        init_parameters(self, self.init_rules(), seed, threads)
 
     def _embed(self, embeddings: nn.Embedding, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
         T = ids.shape[1]
@@ -275,9 +288,17 @@ class EncoderDecoder(nn.Module):
 
     # ---- sizing ----------------------------------------------------------------------------------------------
 
+    def _sized(self) -> EncoderDecoder:
+        """A model whose tensors have their shapes: this one, or, where the parameters are held elsewhere (ZeRO-3
+        leaves each rank empty local tensors), a meta-device twin built from the same config."""
+        if all(p.numel() > 0 for p in self.parameters()):
+            return self
+        with torch.device("meta"), no_init():
+            return EncoderDecoder(self.cfg)
+
     def num_params(self) -> int:
         """Distinct parameters (a shared embedding counts once)."""
-        return sum(p.numel() for p in self.parameters())
+        return sum(p.numel() for p in self._sized().parameters())
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs (forward + backward) per target token, for sources and targets of `seq_len` tokens.
@@ -287,7 +308,7 @@ class EncoderDecoder(nn.Module):
         `attention_flops_per_token`. With sources of another length than targets, scale accordingly: this is an
         estimate for MFU, as the decoder's figure is.
         """
-        matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        matmul = sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, nn.Linear))
         return 6 * matmul + self.attention_flops_per_token(seq_len)
 
     def attention_flops_per_token(self, seq_len: int) -> float:
@@ -300,15 +321,20 @@ class EncoderDecoder(nn.Module):
 
     def largest_layer_params(self) -> int:
         """Parameters of the largest single module (what ZeRO-3 gathers at once in the worst case)."""
-        return max(sum(p.numel() for p in m.parameters(recurse=False)) for m in self.modules())
+        return max(sum(p.numel() for p in m.parameters(recurse=False)) for m in self._sized().modules())
 
 
-def build_translation_model(cfg: TranslationModelConfig, device: str | torch.device | None = None) -> EncoderDecoder:
-    """Build the model for `cfg`; on `device="meta"` nothing is allocated (to count or size a model)."""
-    if device is None:
-        return EncoderDecoder(cfg)
-    with torch.device(device):
-        return EncoderDecoder(cfg)
+def build_translation_model(cfg: TranslationModelConfig, device: str | torch.device | None = None,
+                            seed: int | None = None) -> EncoderDecoder:
+    """Build the model for `cfg`; on `device="meta"` nothing is allocated (to count or size a model). The initial
+    weights are a function of `seed` alone; without one, a seed is drawn from torch's global generator."""
+    with contextlib.nullcontext() if device is None else torch.device(device):
+        if seed is None or init_deferred():
+            return EncoderDecoder(cfg)
+        with no_init():
+            model = EncoderDecoder(cfg)
+    model.init_weights(seed)
+    return model
 
 
 def label_smoothed_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int, eps: float = 0.1,
