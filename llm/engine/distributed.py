@@ -131,12 +131,9 @@ def deepspeed_config(train: TrainConfig, grad_clip: float, world_size: int, prec
     return ds
 
 
-def make_accelerator(train: TrainConfig, grad_clip: float, load_universal: bool = False):
-    """Initialise the process group through Accelerate with DeepSpeed; returns (accelerator, precision).
-
-    `load_universal`: the run resumes from a universal checkpoint (saved on another number of processes), which
-    DeepSpeed must know when it builds the engine. Every collective times out after train.collective_timeout_s.
-    """
+def make_accelerator(train: TrainConfig, grad_clip: float):
+    """Initialise the process group through Accelerate with DeepSpeed; returns (accelerator, precision). Every
+    collective, on every process group, times out after train.collective_timeout_s."""
     from datetime import timedelta
 
     from accelerate import Accelerator
@@ -147,8 +144,6 @@ def make_accelerator(train: TrainConfig, grad_clip: float, load_universal: bool 
     precision = resolve_precision(train)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     ds = deepspeed_config(train, grad_clip, world_size, precision)
-    if load_universal:
-        ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
     plugin = DeepSpeedPlugin(hf_ds_config=ds)
     _default_group_timeout(timedelta(seconds=train.collective_timeout_s))
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=train.collective_timeout_s))

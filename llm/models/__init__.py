@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from llm.config import ModelConfig
 
 from .decoder import Decoder
-from .init import init_deferred, no_init
+from .init import construct
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device | None = None, seed: int | None = None) -> Decoder:
@@ -18,13 +16,7 @@ def build_model(cfg: ModelConfig, device: str | torch.device | None = None, seed
     The initial weights are a function of `seed` alone (any device, any number of threads); without one, a seed is
     drawn from torch's global generator. Inside `llm.models.init.no_init()` the parameters are left uninitialised.
     """
-    with contextlib.nullcontext() if device is None else torch.device(device):
-        if seed is None or init_deferred():
-            return Decoder(cfg)
-        with no_init():
-            model = Decoder(cfg)
-    model.init_weights(seed)
-    return model
+    return construct(Decoder, cfg, device, seed)
 
 
 __all__ = ["Decoder", "build_model"]

@@ -20,7 +20,7 @@ import torch.nn as nn
 from llm.attention import DocumentMask, get_attention
 from llm.config import ModelConfig
 
-from .init import ONES, InitRule, init_deferred, init_parameters, no_init, normal
+from .init import ONES, InitRule, init_deferred, init_parameters, no_init, normal, sized
 from .kv_cache import KVCache
 from .layers import RMSNorm, SwiGLU, apply_rope, rope_rotations
 
@@ -133,17 +133,9 @@ class Decoder(nn.Module):
 
     # ---- sizing ----------------------------------------------------------------------------------------------
 
-    def _sized(self) -> Decoder:
-        """A model whose tensors have their shapes: this one, or, where the parameters are held elsewhere (ZeRO-3
-        leaves each rank empty local tensors), a meta-device twin built from the same config."""
-        if all(p.numel() > 0 for p in self.parameters()):
-            return self
-        with torch.device("meta"), no_init():
-            return Decoder(self.cfg)
-
     def num_params(self) -> int:
         """Distinct parameters (a tied embedding counts once)."""
-        return sum(p.numel() for p in self._sized().parameters())
+        return sum(p.numel() for p in sized(self).parameters())
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs (forward + backward) per token at context length `seq_len`.
@@ -164,4 +156,4 @@ class Decoder(nn.Module):
 
     def largest_layer_params(self) -> int:
         """Parameters of the largest single module (what ZeRO-3 gathers at once in the worst case)."""
-        return max(sum(p.numel() for p in m.parameters(recurse=False)) for m in self._sized().modules())
+        return max(sum(p.numel() for p in m.parameters(recurse=False)) for m in sized(self).modules())

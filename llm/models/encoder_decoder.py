@@ -24,7 +24,6 @@ values depend on (seed, parameter name) only (`llm.models.init`), so ZeRO-3 buil
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 from llm.attention import get_attention
 from llm.config import ConfigError, TranslationModelConfig
 
-from .init import ONES, ZEROS, InitRule, init_deferred, init_parameters, no_init, normal, uniform
+from .init import ONES, ZEROS, InitRule, construct, init_deferred, init_parameters, no_init, normal, sized, uniform
 from .kv_cache import KVCache
 
 
@@ -288,17 +287,9 @@ class EncoderDecoder(nn.Module):
 
     # ---- sizing ----------------------------------------------------------------------------------------------
 
-    def _sized(self) -> EncoderDecoder:
-        """A model whose tensors have their shapes: this one, or, where the parameters are held elsewhere (ZeRO-3
-        leaves each rank empty local tensors), a meta-device twin built from the same config."""
-        if all(p.numel() > 0 for p in self.parameters()):
-            return self
-        with torch.device("meta"), no_init():
-            return EncoderDecoder(self.cfg)
-
     def num_params(self) -> int:
         """Distinct parameters (a shared embedding counts once)."""
-        return sum(p.numel() for p in self._sized().parameters())
+        return sum(p.numel() for p in sized(self).parameters())
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs (forward + backward) per target token, for sources and targets of `seq_len` tokens.
@@ -321,20 +312,14 @@ class EncoderDecoder(nn.Module):
 
     def largest_layer_params(self) -> int:
         """Parameters of the largest single module (what ZeRO-3 gathers at once in the worst case)."""
-        return max(sum(p.numel() for p in m.parameters(recurse=False)) for m in self._sized().modules())
+        return max(sum(p.numel() for p in m.parameters(recurse=False)) for m in sized(self).modules())
 
 
 def build_translation_model(cfg: TranslationModelConfig, device: str | torch.device | None = None,
                             seed: int | None = None) -> EncoderDecoder:
     """Build the model for `cfg`; on `device="meta"` nothing is allocated (to count or size a model). The initial
     weights are a function of `seed` alone; without one, a seed is drawn from torch's global generator."""
-    with contextlib.nullcontext() if device is None else torch.device(device):
-        if seed is None or init_deferred():
-            return EncoderDecoder(cfg)
-        with no_init():
-            model = EncoderDecoder(cfg)
-    model.init_weights(seed)
-    return model
+    return construct(EncoderDecoder, cfg, device, seed)
 
 
 def label_smoothed_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int, eps: float = 0.1,

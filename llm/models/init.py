@@ -165,3 +165,24 @@ def no_init() -> Iterator[None]:
 def init_deferred() -> bool:
     """True inside `no_init()`: a model's constructor then leaves its parameters to the caller."""
     return _DEFERRED > 0
+
+
+def construct(cls: type, cfg, device: str | torch.device | None = None, seed: int | None = None) -> nn.Module:
+    """`cls(cfg)` on `device` (meta: nothing allocated), initialised from `seed` (without one, from a seed drawn from
+    torch's global generator); inside `no_init()` left uninitialised for the caller."""
+    with contextlib.nullcontext() if device is None else torch.device(device):
+        if seed is None or init_deferred():
+            return cls(cfg)
+        with no_init():
+            model = cls(cfg)
+    model.init_weights(seed)
+    return model
+
+
+def sized(model: nn.Module) -> nn.Module:
+    """A model whose tensors have their shapes: `model`, or, where its parameters are held elsewhere (ZeRO-3 leaves
+    each rank empty local tensors), a meta-device twin built from the same config."""
+    if all(p.numel() > 0 for p in model.parameters()):
+        return model
+    with torch.device("meta"), no_init():
+        return type(model)(model.cfg)
