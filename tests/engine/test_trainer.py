@@ -190,6 +190,34 @@ def test_a_flipped_byte_stops_the_run_naming_the_shard(packed_data, tmp_path, ke
     assert "Traceback" not in result.stderr
 
 
+def test_an_out_of_range_token_id_stops_the_run_naming_the_shard(packed_data, tmp_path):
+    """A shard that is consistent with its manifest (checksums included) but holds an id the model has no embedding
+    for: only the per-batch vocabulary check can catch it."""
+    import hashlib
+    import shutil
+
+    import numpy as np
+
+    data = tmp_path / "data"
+    shutil.copytree(packed_data, data)
+    shutil.rmtree(data / "verified")
+    shard = data / "train_00000.bin"
+    manifest = json.loads((data / "manifest.json").read_text())
+    tokens = np.memmap(shard, dtype=np.uint16, mode="r+", offset=32)
+    tokens[::50] = 5000  # past the model's 4096, in every window the first batch can read
+    tokens.flush()
+    del tokens
+    for entry in manifest["splits"]["train"]["shards"]:
+        if entry["bin"] == shard.name:
+            entry["bin_sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    result = run_train(write_config(tmp_path, data, steps=12), 1)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("llm train: DataError: ") and "token id 5000 >= vocab_size 4096" in last, last
+    assert str(shard) in last and "token offset" in last
+
+
 def test_changed_model_shape_on_resume_is_a_clear_error(packed_data, tmp_path):
     config = write_config(tmp_path, packed_data, steps=2)
     assert run_train(config, 1).returncode == 0
