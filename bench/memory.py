@@ -11,6 +11,13 @@ too, for reference: the whole model built on every rank, then handed to ZeRO-3's
     python bench/memory.py                          # the 350m preset, partitioned, 1 and 2 processes
     python bench/memory.py --unpartitioned          # and the unpartitioned build, for reference
     python bench/memory.py --preset tiny --zero-config configs/deepspeed/zero3.json
+
+`head`: one forward + backward of the output head and its loss at the `1b` shape (d_model 2048, vocab 128,256) on
+2 x 2048 tokens in fp32, unfused (`F.cross_entropy(F.linear(h, W).float(), y)`, full logits) against the chunked
+`llm.models.loss.linear_cross_entropy`. Each in a fresh process: its peak RSS above the baseline taken after the
+inputs and the weight are allocated, and the median time of `--repeats` runs.
+
+    python bench/memory.py head                     # the 1b head; --chunk-bytes to try another chunk size
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import json
 import os
 import resource
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -77,6 +85,60 @@ def worker(args: argparse.Namespace) -> None:
     accelerator.end_training()
 
 
+def head_worker(args: argparse.Namespace) -> None:
+    """One head variant in this fresh process: print its peak above the baseline, its times and its loss."""
+    import torch
+    import torch.nn.functional as F
+
+    from llm.models.loss import chunk_tokens, linear_cross_entropy
+
+    torch.manual_seed(0)
+    # In place, no temporaries: the baseline high-water mark is then what stays resident.
+    h = torch.randn(args.tokens, args.d_model).requires_grad_()  # (N, d) final hidden states
+    weight = torch.randn(args.vocab, args.d_model).mul_(0.02).requires_grad_()  # (V, d)
+    labels = torch.randint(0, args.vocab, (args.tokens,))
+    baseline = peak_bytes()
+    chunk = chunk_tokens(args.vocab, args.chunk_bytes)
+    if args.head_worker == "unfused":
+        def head():
+            return F.cross_entropy(F.linear(h, weight).float(), labels)
+    else:
+        def head():
+            return linear_cross_entropy(h, weight, labels, chunk_size=chunk, impl="torch")
+    times = []
+    for _ in range(args.repeats):
+        h.grad = weight.grad = None  # allocated anew each time, as in a first step
+        start = time.perf_counter()
+        loss = head()
+        loss.backward()
+        times.append(time.perf_counter() - start)
+    print(json.dumps({"peak": peak_bytes() - baseline, "times": times, "loss": loss.item(), "chunk": chunk,
+                      "threads": torch.get_num_threads()}))
+
+
+def run_head(args: argparse.Namespace) -> None:
+    base = [sys.executable, str(Path(__file__).resolve()), "head", "--tokens", str(args.tokens), "--d-model",
+            str(args.d_model), "--vocab", str(args.vocab), "--repeats", str(args.repeats), "--chunk-bytes",
+            str(args.chunk_bytes)]
+    results = {}
+    for variant in ("unfused", "chunked"):
+        result = subprocess.run([*base, "--head-worker", variant], cwd=ROOT, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise SystemExit(f"head {variant} failed:\n{result.stderr[-4000:]}")
+        results[variant] = json.loads(result.stdout.strip().splitlines()[-1])
+    u, c = results["unfused"], results["chunked"]
+    med = {k: statistics.median(r["times"]) for k, r in results.items()}
+    print(f"loss head: d_model {args.d_model}, vocab {args.vocab:,}, {args.tokens:,} tokens, fp32 on CPU, "
+          f"{u['threads']} threads; chunked: {c['chunk']} tokens per chunk ({args.chunk_bytes / 2**20:.0f} MiB of "
+          f"fp32 logits); peak RSS above the inputs and weight; time of forward + backward, median of {args.repeats}")
+    print(f"{'head':<10}{'peak MB':>10}{'time ms':>10}   times ms")
+    for name, r in results.items():
+        print(f"{name:<10}{r['peak'] / 1e6:>10,.0f}{med[name] * 1e3:>10,.0f}   "
+              + " ".join(f"{t * 1e3:,.0f}" for t in r["times"]))
+    print(f"chunked / unfused: peak {c['peak'] / u['peak']:.2f}x, time {med['chunked'] / med['unfused']:.3f}x; "
+          f"loss {c['loss']:.6f} vs {u['loss']:.6f}")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -115,13 +177,30 @@ def run_case(config: Path, processes: int, unpartitioned: bool, workdir: Path) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", nargs="?", choices=["build", "head"], default="build")
     parser.add_argument("--preset", default="350m")
     parser.add_argument("--zero-config", help="a ZeRO-3 JSON instead of configs/deepspeed/zero3.json")
     parser.add_argument("--unpartitioned", action="store_true", help="also measure the unpartitioned build")
+    parser.add_argument("--tokens", type=int, default=2 * 2048, help="head: tokens (micro-batch x seq_len)")
+    parser.add_argument("--d-model", type=int, default=2048, help="head: hidden size")
+    parser.add_argument("--vocab", type=int, default=128_256, help="head: vocabulary size")
+    parser.add_argument("--repeats", type=int, default=3, help="head: forward + backward runs per variant")
+    parser.add_argument("--chunk-bytes", type=int, default=None, help="head: fp32 logits per chunk (bytes)")
+    parser.add_argument("--head-worker", choices=["unfused", "chunked"], help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.mode == "head":
+        if args.chunk_bytes is None:
+            from llm.models.loss import CHUNK_BYTES
+
+            args.chunk_bytes = CHUNK_BYTES["cpu"]
+        if args.head_worker:
+            head_worker(args)
+        else:
+            run_head(args)
+        return
     if args.worker:
         worker(args)
         # Measured and written. Skip the interpreter's teardown, where a thread still alive now and then aborts a

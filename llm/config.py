@@ -28,7 +28,7 @@ from typing import Any, Literal
 import yaml
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "model"
-ATTENTION_BACKENDS = ("auto", "flash", "sdpa", "eager")
+ATTENTION_BACKENDS = ("auto", "flash", "sdpa", "eager", "varlen")  # llm.attention.NAMES; see selection.py
 
 
 class ConfigError(ValueError):
@@ -59,7 +59,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     max_seq_len: int = 4096
     tie_embeddings: bool = False
-    attention: Literal["auto", "flash", "sdpa", "eager"] = "auto"
+    attention: Literal["auto", "flash", "sdpa", "eager", "varlen"] = "auto"
     init_std: float = 0.02
 
     @property
@@ -146,7 +146,7 @@ class TranslationModelConfig:
     norm_eps: float = 1e-5
     max_seq_len: int = 1024  # longest source or target (with EOS / BOS)
     share_embeddings: bool = True
-    attention: Literal["auto", "flash", "sdpa", "eager"] = "auto"
+    attention: Literal["auto", "flash", "sdpa", "eager", "varlen"] = "auto"
 
     @property
     def head_dim(self) -> int:
@@ -263,6 +263,7 @@ class TrainConfig:
     eval_every: int = 0  # 0: no periodic validation
     eval_batches: int = 20
     save_every: int = 0  # 0: save only at the end and on a signal
+    save_at_end: bool = True  # false: no checkpoint at the last step (throwaway runs, benchmarks); signals still save
     keep_last: int = 3
     peak_tflops: float | None = None  # per-device peak for MFU; None: from the known-GPU table
     label_smoothing: float | None = None  # None: 0.1 for translation (as the paper), 0 for lm

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from .masks import DocumentMask, dense_mask
+from .masks import DocumentMask, KeyMask, dense_mask
 
 
 def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
                     docs: DocumentMask | None = None, scale: float | None = None,
-                    key_mask: torch.Tensor | None = None) -> torch.Tensor:
+                    key_mask: torch.Tensor | KeyMask | None = None) -> torch.Tensor:
     """q (B, Tq, H, D), k and v (B, Tk, Hkv, D) with H a multiple of Hkv -> (B, Tq, H, D).
 
     `key_mask` (B, Tk) is False at padding keys, which no query attends to. A query left with no key at all gets a

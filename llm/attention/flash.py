@@ -1,94 +1,155 @@
-"""The flash-attn package (FlashAttention-2/3 kernels, CUDA and fp16/bf16 only), imported lazily.
+"""The flash-attn packages, imported lazily: FlashAttention-2, -3 and -4 (CUDA, fp16/bf16 only).
 
-Packed documents go through `flash_attn_varlen_func` with `cu_seqlens`, so no mask tensor is ever built and no
-FLOPs are spent across document boundaries. Padding (a key mask) goes the same way: padding keys are dropped
-before the kernel ("unpadded"), and each sequence's real keys form one varlen segment.
+Three packages, one contract (`flash_attn_func` for a batch, `flash_attn_varlen_func` with `cu_seqlens`):
+
+- FA2, `pip install flash-attn`: module `flash_attn`, compute capability 8.0 and newer (Ampere, Ada, Hopper, ...);
+- FA3, built from the flash-attention repository's `hopper/`: module `flash_attn_interface`, Hopper (9.x);
+- FA4, `pip install flash-attn-4`: module `flash_attn.cute`, Hopper and Blackwell (9.x, 10.x).
+
+`PACKAGES` is in order of preference: the newest that supports the GPU wins. Packed documents and padding go
+through the varlen function (`varlen.attend_varlen`), so no mask tensor is ever built.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import importlib.metadata
+import inspect
+from dataclasses import dataclass
 
 import torch
 
-from .masks import DocumentMask
+from . import varlen
+from .masks import DocumentMask, KeyMask
+from .varlen import attend_varlen
 
 
-class AttentionUnavailable(RuntimeError):
-    """An attention backend was asked for explicitly but cannot run here."""
+@dataclass(frozen=True)
+class FlashPackage:
+    label: str  # "FA2", "FA3", "FA4"
+    module_name: str
+    distributions: tuple[str, ...]  # pip names, for the version
+    majors: tuple[int, ...] | None  # compute capability majors it runs on; None: 8 and newer
+
+    def supports(self, cap: tuple[int, int]) -> bool:
+        return cap[0] >= 8 if self.majors is None else cap[0] in self.majors
+
+
+PACKAGES = (
+    FlashPackage("FA3", "flash_attn_interface", ("flash_attn_3", "flash-attn-3"), (9,)),
+    FlashPackage("FA4", "flash_attn.cute", ("flash-attn-4",), (9, 10)),
+    FlashPackage("FA2", "flash_attn", ("flash-attn", "flash_attn"), None),
+)
+
+
+@dataclass(frozen=True)
+class Installed:
+    package: FlashPackage
+    module: object
+    version: str
+
+    def describe(self) -> str:
+        return f"flash-attn {self.version} ({self.package.label})"
 
 
 @functools.cache
+def installed() -> tuple[Installed, ...]:
+    """The flash-attn packages that import here and have both functions, in order of preference."""
+    found = []
+    for package in PACKAGES:
+        try:
+            module = importlib.import_module(package.module_name)
+        except Exception:  # not installed, or an ABI/CUDA mismatch (OSError, RuntimeError), or a missing dependency
+            continue
+        # FA4 alone leaves `flash_attn` an empty namespace package: check for the functions, not the module.
+        if hasattr(module, "flash_attn_func") and hasattr(module, "flash_attn_varlen_func"):
+            found.append(Installed(package, module, _version(module, package.distributions)))
+    return tuple(found)
+
+
+def _version(module, distributions: tuple[str, ...]) -> str:
+    for name in distributions:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return str(getattr(module, "__version__", "?"))
+
+
 def flash_module():
-    """The `flash_attn` module, or None when it is not installed (or fails to import, e.g. a CUDA mismatch)."""
-    try:
-        return importlib.import_module("flash_attn")
-    except Exception:  # an ABI mismatch raises OSError/RuntimeError, not only ImportError
+    """The preferred installed flash-attn module (any GPU), or None when none is installed."""
+    found = installed()
+    return found[0].module if found else None
+
+
+def package_for(device: torch.device) -> Installed | None:
+    """The preferred installed package that supports the GPU `device` is (None off CUDA or when none does)."""
+    if device.type != "cuda":
         return None
+    cap = varlen.capability(device)
+    for found in installed():
+        # ROCm builds of flash-attn are FA2; FA3/FA4 are NVIDIA-only whatever the capability numbers say.
+        if found.package.supports(cap) and (torch.version.hip is None or found.package.label == "FA2"):
+            return found
+    return None
 
 
-def require_flash():
-    fa = flash_module()
-    if fa is None:
-        raise AttentionUnavailable(
-            "attention backend 'flash' needs the flash-attn package, which is not importable here. Install it "
-            "on a CUDA machine with `pip install -e '.[flash]'`, or set model.attention=auto (flash when "
-            "available, else PyTorch SDPA) or model.attention=sdpa.")
-    return fa
+def why_no_flash(device: torch.device) -> str:
+    """Why `package_for(device)` found nothing, in a few words for a log line."""
+    found = installed()
+    if not found:
+        return "flash-attn not installed"
+    major, minor = varlen.capability(device)
+    names = ", ".join(f.package.label for f in found)
+    return f"installed flash-attn ({names}) does not support compute capability {major}.{minor}"
+
+
+# ---- calling a package ----------------------------------------------------------------------------------------
+
+
+def _first(out):
+    # FA4 returns (out, lse); FA3 did too before it grew `return_attn_probs`; FA2 returns the tensor.
+    return out[0] if isinstance(out, tuple) else out
+
+
+@functools.cache
+def _takes(fn, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@functools.cache
+def _varlen_kernel(module):
+    fn = module.flash_attn_varlen_func
+    # FA4 releases before 2026 had no max_seqlen_* (they derive it themselves); everything else requires them.
+    with_max = _takes(fn, "max_seqlen_q")
+
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+        lengths = dict(max_seqlen_q=max_q, max_seqlen_k=max_k) if with_max else {}
+        return _first(fn(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, **lengths, causal=causal,
+                         softmax_scale=scale))
+
+    return kernel
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
                     docs: DocumentMask | None = None, scale: float | None = None,
-                    key_mask: torch.Tensor | None = None) -> torch.Tensor:
+                    key_mask: torch.Tensor | KeyMask | None = None) -> torch.Tensor:
     """q (B, Tq, H, D), k and v (B, Tk, Hkv, D) with H a multiple of Hkv -> (B, Tq, H, D). GQA is native.
 
-    `key_mask` (B, Tk) is False at padding keys. Causal attention with a key mask is self-attention (Tq == Tk, the
-    queries padded like the keys): its padding queries are dropped too and get a zero output.
+    Runs on the package `package_for(q.device)`; `select` has checked that there is one and that q is half
+    precision. `key_mask` (B, Tk) is False at padding keys (see `varlen.attend_varlen` for causal + key mask).
     """
-    fa = require_flash()
-    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
-        raise AttentionUnavailable(
-            f"attention backend 'flash' runs on CUDA tensors in fp16/bf16, got {q.device} {q.dtype}; use "
-            "model.attention=auto to fall back to SDPA elsewhere")
-    if key_mask is not None:
-        if docs is not None:
-            raise AttentionUnavailable("attention backend 'flash' takes document boundaries or a key mask, not both")
-        return _padded(fa, q, k, v, key_mask, causal, scale)
-    if docs is None:
+    found = package_for(q.device)
+    if found is None:
+        raise RuntimeError(f"no installed flash-attn package runs on {q.device}")
+    if docs is None and key_mask is None:
         # Causal masking in flash-attn is bottom-right aligned, as incremental decoding needs.
-        return fa.flash_attn_func(q, k, v, causal=causal, softmax_scale=scale)
-    B, T, H, D = q.shape
-    out = fa.flash_attn_varlen_func(
-        q.reshape(B * T, H, D), k.reshape(B * T, k.shape[2], D), v.reshape(B * T, v.shape[2], D),
-        cu_seqlens_q=docs.cu_seqlens, cu_seqlens_k=docs.cu_seqlens,
-        max_seqlen_q=docs.max_seqlen, max_seqlen_k=docs.max_seqlen,
-        causal=causal, softmax_scale=scale)  # (B * T, H, D)
-    return out.view(B, T, H, D)
-
-
-def _padded(fa, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, causal: bool,
-            scale: float | None) -> torch.Tensor:
-    """Attention with padding keys removed before the kernel: one varlen segment per sequence."""
-    B, Tq, H, D = q.shape
-    Tk, Hkv = k.shape[1], k.shape[2]
-    keep_k = key_mask.reshape(-1).nonzero(as_tuple=True)[0]  # indices of real keys in the flattened (B * Tk)
-    lens_k = key_mask.sum(dim=1, dtype=torch.int32)  # (B,)
-    cu_k = torch.nn.functional.pad(lens_k.cumsum(0, dtype=torch.int32), (1, 0))  # (B + 1,)
-    max_k = int(lens_k.max())
-    k = k.reshape(B * Tk, Hkv, D)[keep_k]  # (real keys, Hkv, D)
-    v = v.reshape(B * Tk, Hkv, D)[keep_k]
-    if causal:
-        # Bottom-right causal alignment is per varlen segment, so the queries must be unpadded like the keys.
-        if Tq != Tk:
-            raise AttentionUnavailable(f"attention backend 'flash': causal attention with a key mask needs as many "
-                                       f"queries as keys (self-attention), got {Tq} and {Tk}")
-        out = fa.flash_attn_varlen_func(q.reshape(B * Tq, H, D)[keep_k], k, v, cu_seqlens_q=cu_k, cu_seqlens_k=cu_k,
-                                        max_seqlen_q=max_k, max_seqlen_k=max_k, causal=True, softmax_scale=scale)
-        full = out.new_zeros(B * Tq, H, D)
-        full[keep_k] = out  # padding queries stay zero
-        return full.view(B, Tq, H, D)
-    cu_q = torch.arange(0, (B + 1) * Tq, Tq, dtype=torch.int32, device=q.device)  # every query row, whole
-    out = fa.flash_attn_varlen_func(q.reshape(B * Tq, H, D), k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                                    max_seqlen_q=Tq, max_seqlen_k=max_k, causal=False, softmax_scale=scale)
-    return out.view(B, Tq, H, D)  # (B * Tq, H, D) -> (B, Tq, H, D)
+        return _first(found.module.flash_attn_func(q, k, v, causal=causal, softmax_scale=scale))
+    if docs is not None and key_mask is not None:
+        raise ValueError("attention backend 'flash' takes document boundaries or a key mask, not both")
+    return attend_varlen(_varlen_kernel(found.module), q, k, v, causal=causal, docs=docs, scale=scale,
+                         key_mask=key_mask)

@@ -1,24 +1,32 @@
-"""Document boundaries for packed sequences, in the two forms attention backends want.
+"""Document boundaries and key padding, each in the forms attention backends want, made once per batch.
 
 Packing puts several documents into one training window. Tokens must not attend across a document boundary, so
 the model is given position ids that restart at 0 at every document start. From those we derive, once per forward:
 
-- `cu_seqlens`: cumulative document lengths over the flattened (B * T) tokens, for varlen kernels (flash-attn);
+- `cu_seqlens`: cumulative document lengths over the flattened (B * T) tokens, for varlen kernels (flash-attn,
+  torch's varlen_attn);
 - `doc_ids`: a document number per token, from which backends without varlen build a block-diagonal causal mask.
+
+Padding (the translation model's) is a `KeyMask`: True at real keys. Varlen kernels drop the padding keys first
+("unpadding"), which needs their indices, per-row lengths and the longest row: a device sync, so `KeyMask` computes
+them at most once and every layer of the forward reuses them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 
 import torch
 
 
-@dataclass
+@dataclass(eq=False)
 class DocumentMask:
     doc_ids: torch.Tensor  # (B, T) int64, increasing within a row; attention only where doc_ids match
     cu_seqlens: torch.Tensor  # (n_docs + 1,) int32 over the flattened B * T tokens
     max_seqlen: int  # longest document, needed by varlen kernels
+    # Dense masks already built, by (q_len, k_len, causal): every layer of a forward asks for the same one.
+    _dense: dict = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
     def from_position_ids(cls, position_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
@@ -44,10 +52,44 @@ class DocumentMask:
         if not q_len == k_len == self.doc_ids.shape[1]:
             raise ValueError("document masks apply to whole sequences (no KV cache): "
                              f"q_len={q_len}, k_len={k_len}, tokens={self.doc_ids.shape[1]}")
-        mask = self.doc_ids[:, :, None] == self.doc_ids[:, None, :]  # (B, T, T)
-        if causal:
-            mask = mask & causal_mask(q_len, k_len, self.doc_ids.device)
-        return mask[:, None]  # (B, 1, T, T)
+        key = (q_len, k_len, causal)
+        if key not in self._dense:
+            mask = self.doc_ids[:, :, None] == self.doc_ids[:, None, :]  # (B, T, T)
+            if causal:
+                mask = mask & causal_mask(q_len, k_len, self.doc_ids.device)
+            self._dense[key] = mask[:, None]  # (B, 1, T, T)
+        return self._dense[key]
+
+
+@dataclass(eq=False)
+class KeyMask:
+    """Which keys are real (True) and which are padding (False), for a batch: (B, Tk) bool."""
+
+    mask: torch.Tensor
+
+    @classmethod
+    def of(cls, key_mask: torch.Tensor | KeyMask | None) -> KeyMask | None:
+        """A backend's `key_mask` argument as a KeyMask: a (B, Tk) tensor (True at real keys) is wrapped."""
+        return key_mask if key_mask is None or isinstance(key_mask, KeyMask) else cls(key_mask.to(torch.bool))
+
+    @classmethod
+    def of_padding(cls, pad_mask: torch.Tensor | KeyMask | None) -> KeyMask | None:
+        """From a pad mask (B, Tk) that is True at padding, as data loaders make them; a KeyMask passes through
+        (a model's forward makes one per batch and hands it to every stack that reads the same keys)."""
+        if pad_mask is None or isinstance(pad_mask, KeyMask):
+            return pad_mask
+        return cls(~pad_mask.to(torch.bool))
+
+    @functools.cached_property
+    def unpadded(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(indices of the real keys in the flattened B * Tk, cu_seqlens (B + 1,) int32, longest row).
+
+        Computed on first use only (two host syncs), so backends that never unpad (SDPA, eager) pay nothing.
+        """
+        indices = self.mask.reshape(-1).nonzero(as_tuple=True)[0]  # (real keys,)
+        lens = self.mask.sum(dim=1, dtype=torch.int32)  # (B,)
+        cu_seqlens = torch.nn.functional.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))  # (B + 1,)
+        return indices, cu_seqlens, int(lens.max())
 
 
 def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
@@ -60,7 +102,7 @@ def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
 
 
 def dense_mask(q_len: int, k_len: int, device: torch.device, *, causal: bool, docs: DocumentMask | None = None,
-               key_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+               key_mask: torch.Tensor | KeyMask | None = None) -> torch.Tensor | None:
     """The boolean mask (True where attention is allowed) for causal / document / key-padding masking, or None.
 
     Shapes: (q_len, k_len) for causal alone, (B, 1, q_len, k_len) with documents or a key mask. `key_mask` is
@@ -73,6 +115,6 @@ def dense_mask(q_len: int, k_len: int, device: torch.device, *, causal: bool, do
     else:
         mask = None
     if key_mask is not None:
-        keys = key_mask[:, None, None, :].to(torch.bool)  # (B, 1, 1, Tk)
+        keys = KeyMask.of(key_mask).mask[:, None, None, :]  # (B, 1, 1, Tk)
         mask = keys if mask is None else mask & keys
     return mask

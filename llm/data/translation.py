@@ -28,6 +28,7 @@ import torch
 
 from llm.config import TranslationDataConfig
 from llm.data.errors import DataError
+from llm.data.loader import pin
 from llm.data.order import Permutation, derive_key
 from llm.data.shards import MANIFEST, PackedSplit, read_manifest
 
@@ -169,7 +170,7 @@ class _Batches:
         # One max() per side (padding is a vocabulary id too); the search for the culprit only on failure.
         if max(int(batch["src_ids"].max()), int(batch["labels"].max())) >= self.vocab_size:
             d.check_ids(pairs, tokens, self.vocab_size)
-        return batch
+        return pin(batch)
 
 
 class TranslationLoader:

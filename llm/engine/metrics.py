@@ -100,6 +100,10 @@ class Metrics:
             line = f"step {step}: validation " + ", ".join(f"{k} {_short(v)}" for k, v in values.items())
             self.bar.write(line) if self.interactive else print(line, flush=True)
 
+    def log_info(self, step: int, values: dict) -> None:
+        """Facts about the run rather than time series (the attention backend): one {"split": "info"} record."""
+        self._write({"step": step, **values}, "info")
+
     def advance(self, steps: int = 1) -> None:
         if self.main:
             self.bar.update(steps)

@@ -17,15 +17,9 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate.utils import gather_object
 
 from llm.config import RunConfig
-
-
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Mean next-token cross-entropy in fp32. logits (B, T, V), labels (B, T)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), label_smoothing=label_smoothing)
 
 
 class LanguageModelling:
@@ -55,14 +49,14 @@ class LanguageModelling:
         return ([next(batches) for _ in range(t.grad_accum)],
                 t.micro_batch_size * t.grad_accum * accelerator.num_processes * self.cfg.data.seq_len)
 
-    def _logits(self, engine, batch: dict, device: torch.device) -> torch.Tensor:
-        inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "position_ids", "cu_seqlens")
-                  if k in batch}
-        return engine(**inputs, max_seqlen=batch.get("max_seqlen"))
+    def _loss(self, engine, batch: dict, device: torch.device, label_smoothing: float) -> torch.Tensor:
+        """Mean next-token cross-entropy (fp32), computed by the model's output head without the full logits."""
+        inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "position_ids", "cu_seqlens",
+                                                                       "labels") if k in batch}
+        return engine(**inputs, max_seqlen=batch.get("max_seqlen"), label_smoothing=label_smoothing)
 
     def loss(self, engine, batch: dict, device: torch.device, step_tokens: int) -> torch.Tensor:
-        labels = batch["labels"].to(device, non_blocking=True)
-        return lm_loss(self._logits(engine, batch, device), labels, self.cfg.label_smoothing)
+        return self._loss(engine, batch, device, self.cfg.label_smoothing)
 
     @torch.no_grad()
     def evaluate(self, engine, val_loader, accelerator) -> dict:
@@ -71,8 +65,7 @@ class LanguageModelling:
         engine.eval()
         total, count = torch.zeros((), device=accelerator.device), 0
         for batch in val_loader:
-            labels = batch["labels"].to(accelerator.device)
-            total += lm_loss(self._logits(engine, batch, accelerator.device), labels).float()
+            total += self._loss(engine, batch, accelerator.device, 0.0)
             count += 1
         engine.train()
         loss = accelerator.reduce(total / max(count, 1), reduction="mean").item()
@@ -113,16 +106,16 @@ class Translation:
         local = torch.tensor(float(sum(b["num_tokens"] for b in micro)), device=accelerator.device)
         return micro, int(accelerator.reduce(local, reduction="sum").item())
 
-    def _logits(self, engine, batch: dict, device: torch.device) -> torch.Tensor:
-        # Right-padded targets: the causal mask alone keeps real positions off the padding (see encoder_decoder).
-        return engine(batch["src_ids"].to(device), batch["src_pad_mask"].to(device),
-                      batch["tgt_in_ids"].to(device), None)
+    def _summed_loss(self, engine, batch: dict, device: torch.device, label_smoothing: float) -> torch.Tensor:
+        """Label-smoothed cross-entropy summed over the non-padding targets (fp32), computed by the model's output
+        head without the full logits. Right-padded targets: the causal mask alone keeps real positions off the
+        padding (see encoder_decoder)."""
+        return engine(batch["src_ids"].to(device), batch["src_pad_mask"].to(device), batch["tgt_in_ids"].to(device),
+                      None, labels=batch["labels"].to(device), pad_id=self.pad_id, label_smoothing=label_smoothing,
+                      reduction="sum")
 
     def loss(self, engine, batch: dict, device: torch.device, step_tokens: int) -> torch.Tensor:
-        from llm.models.encoder_decoder import label_smoothed_loss
-
-        summed = label_smoothed_loss(self._logits(engine, batch, device), batch["labels"].to(device), self.pad_id,
-                                     self.cfg.label_smoothing, reduction="sum")
+        summed = self._summed_loss(engine, batch, device, self.cfg.label_smoothing)
         # DeepSpeed divides by grad_accum and averages over processes: undo both, divide by the step's tokens.
         scale = self.cfg.train.grad_accum * self.world / max(step_tokens, 1)
         return summed * scale
@@ -131,14 +124,10 @@ class Translation:
     def evaluate(self, engine, val_loader, accelerator) -> dict:
         """Validation loss per target token (no label smoothing) and perplexity; then BLEU and chrF of beam
         search on the BLEU sentences (data.bleu_source/bleu_reference, or the start of the validation split)."""
-        from llm.models.encoder_decoder import label_smoothed_loss
-
         engine.eval()
         sums = torch.zeros(2, device=accelerator.device, dtype=torch.float64)  # [summed loss, target tokens]
         for batch in val_loader:
-            logits = self._logits(engine, batch, accelerator.device)
-            sums[0] += label_smoothed_loss(logits, batch["labels"].to(accelerator.device), self.pad_id, 0.0,
-                                           reduction="sum").double()
+            sums[0] += self._summed_loss(engine, batch, accelerator.device, 0.0).double()
             sums[1] += batch["num_tokens"]
         engine.train()
         sums = accelerator.reduce(sums, reduction="sum")

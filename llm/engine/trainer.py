@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from llm.attention import describe
 from llm.checkpoint import Checkpointer, CheckpointError
 from llm.config import RunConfig, save_config
 from llm.engine.build import build_for_training
@@ -74,6 +75,7 @@ class Run:
     flops_per_token: float
     step: int = 0
     tokens: int = 0
+    attention: tuple[str, str] = ("", "")  # the attention backend and why it was chosen
 
 
 def start(cfg: RunConfig, accelerator, precision: str) -> Run:
@@ -81,6 +83,10 @@ def start(cfg: RunConfig, accelerator, precision: str) -> Run:
     rank, world = accelerator.process_index, accelerator.num_processes
     out = cfg.train.output_dir
     seed_everything(cfg.train.seed)
+    # First: an attention backend that cannot run here fails before data and model are built.
+    lm, dtype = cfg.task == "lm", torch.bfloat16 if precision == "bf16" else torch.float32
+    attention = describe(cfg.model.attention, accelerator.device, dtype,
+                         document_masking=lm and cfg.data.document_masking, padding=not lm)
     checkpointer = Checkpointer(out, accelerator, cfg.train.keep_last)
     checkpointer.remove_unfinished()
     # Before the engine exists: a checkpoint from another world size (or ZeRO stage) loads as a universal
@@ -106,7 +112,7 @@ def start(cfg: RunConfig, accelerator, precision: str) -> Run:
         checkpointer.prepare_universal(resume)  # rank 0 converts; the others wait on the file system
     engine, optimizer = accelerator.prepare(model, optimizer)
     run = Run(cfg, accelerator, precision, task, train_loader, val_loader, engine, optimizer, checkpointer,
-              flops_per_token)
+              flops_per_token, attention=attention)
     if accelerator.is_main_process:
         os.makedirs(out, exist_ok=True)
         write_deepspeed_config(accelerator, os.path.join(out, "deepspeed_config.json"))
@@ -123,6 +129,7 @@ def start(cfg: RunConfig, accelerator, precision: str) -> Run:
     if accelerator.is_main_process:
         save_config(cfg, os.path.join(out, "config.yaml"))
     print0(f"model: {n_params:,} parameters, {flops_per_token:.3e} training FLOPs/token {flops_at}")
+    print0(f"attention: {attention[0]} ({attention[1]})")
     return run
 
 
@@ -144,6 +151,7 @@ def _loop(run: Run, config_path: str) -> int:
     metrics = Metrics(out, cfg.train.steps, step, run.flops_per_token,
                       device_peak_tflops(run.precision, cfg.train.peak_tflops), world)
     metrics.reset_clock(tokens)
+    metrics.log_info(step, {"attention": run.attention[0], "attention_reason": run.attention[1]})
     stop = StopFlag().install()
     batches = iter(run.train_loader)
 
@@ -190,7 +198,8 @@ def _loop(run: Run, config_path: str) -> int:
                 metrics.log_eval(step, task.evaluate(engine, run.val_loader, accelerator))
                 metrics.reset_clock(tokens)  # keep evaluation time out of tokens/s
             signalled = gathered[:, 1].sum().item() > 0
-            if signalled or (cfg.train.save_every and step % cfg.train.save_every == 0) or step == cfg.train.steps:
+            last = step == cfg.train.steps and cfg.train.save_at_end
+            if signalled or (cfg.train.save_every and step % cfg.train.save_every == 0) or last:
                 save(step)
                 metrics.reset_clock(tokens)
             if signalled:

@@ -23,6 +23,7 @@ from llm.config import ModelConfig
 from .init import ONES, InitRule, init_deferred, init_parameters, no_init, normal, sized
 from .kv_cache import KVCache
 from .layers import RMSNorm, SwiGLU, apply_rope, rope_rotations
+from .loss import OutputHead
 
 
 class Attention(nn.Module):
@@ -71,7 +72,7 @@ class Decoder(nn.Module):
             self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
             self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
             self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-            self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+            self.output = OutputHead(cfg.d_model, cfg.vocab_size)  # an nn.Linear that can also return the loss
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         if initialise:
@@ -100,8 +101,10 @@ class Decoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, vocab_size).
+                cache: KVCache | None = None, labels: torch.Tensor | None = None,
+                label_smoothing: float = 0.0) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, vocab_size); with `labels` (B, T), the mean cross-entropy instead
+        (fp32 scalar; labels of -100 ignored), computed chunk by chunk without the full logits (`llm.models.loss`).
 
         `position_ids` (B, T) that restart at 0 mark packed document boundaries: tokens then attend only within
         their own document (`cu_seqlens`/`max_seqlen` may be passed along when the loader already has them).
@@ -124,7 +127,8 @@ class Decoder(nn.Module):
             x = block(x, rope, docs, cache, i)
         if cache is not None:
             cache.advance(T)
-        return self.output(self.norm(x))  # (B, T, vocab_size)
+        # logits (B, T, vocab_size), or with labels the loss (); inside the head's forward for ZeRO-3 (loss.py)
+        return self.output(self.norm(x), labels, label_smoothing=label_smoothing)
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         p = self.tok_embeddings.weight

@@ -33,11 +33,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llm.attention import get_attention
+from llm.attention import KeyMask, get_attention
 from llm.config import ConfigError, TranslationModelConfig
 
 from .init import ONES, ZEROS, InitRule, construct, init_deferred, init_parameters, no_init, normal, sized, uniform
 from .kv_cache import KVCache
+from .loss import OutputHead
 
 
 def translation_preset(name: str, **overrides) -> TranslationModelConfig:
@@ -83,7 +84,7 @@ class Attention(nn.Module):
         return self.wkv(x).view(B, Tk, 2, self.n_heads, self.head_dim).unbind(dim=2)
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], causal: bool,
-                key_mask: torch.Tensor | None) -> torch.Tensor:
+                key_mask: KeyMask | None) -> torch.Tensor:
         B, T, d = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, n_heads, head_dim)
         out = self.attend(q, *kv, causal=causal, key_mask=key_mask)  # (B, T, n_heads, head_dim)
@@ -121,7 +122,7 @@ class EncoderLayer(_Layer):
         self.ffn = FeedForward(cfg)
         self.ffn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
 
-    def forward(self, x: torch.Tensor, src_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, src_mask: KeyMask | None) -> torch.Tensor:
         def self_attention(h):
             return self.self_attn(h, self.self_attn.keys_values(h), causal=False, key_mask=src_mask)
 
@@ -140,7 +141,7 @@ class DecoderLayer(_Layer):
         self.ffn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
-                src_mask: torch.Tensor | None, tgt_mask: torch.Tensor | None, cache: KVCache | None = None,
+                src_mask: KeyMask | None, tgt_mask: KeyMask | None, cache: KVCache | None = None,
                 layer: int = 0) -> torch.Tensor:
         """`memory` is the encoder output (B, S, d_model), or this layer's cross-attention (k, v) already made."""
         def self_attention(h):
@@ -189,7 +190,7 @@ class EncoderDecoder(nn.Module):
             pre = cfg.norm == "pre"  # post-norm layers end in a LayerNorm already; pre-norm stacks need a last one
             self.encoder_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if pre else None
             self.decoder_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if pre else None
-            self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+            self.output = OutputHead(cfg.d_model, cfg.vocab_size)  # an nn.Linear that can also return the loss
         if cfg.share_embeddings:
             self.tgt_embeddings.weight = self.src_embeddings.weight
             self.output.weight = self.src_embeddings.weight
@@ -234,31 +235,44 @@ class EncoderDecoder(nn.Module):
         return self.dropout(x + pe.to(x.dtype))
 
     def encode(self, src_ids: torch.Tensor, src_pad_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """src_ids (B, S) -> encoder output (B, S, d_model). `src_pad_mask` (B, S) is True at padding."""
-        src_mask = None if src_pad_mask is None else ~src_pad_mask
+        """src_ids (B, S) -> encoder output (B, S, d_model). `src_pad_mask` (B, S) is True at padding (or is a
+        `KeyMask` made from one, as `forward` passes it)."""
+        src_mask = KeyMask.of_padding(src_pad_mask)
         x = self._embed(self.src_embeddings, src_ids)
         for layer in self.encoder_layers:
             x = layer(x, src_mask)
         return x if self.encoder_norm is None else self.encoder_norm(x)
 
     def decode(self, tgt_ids: torch.Tensor, memory: torch.Tensor, src_pad_mask: torch.Tensor | None = None,
-               tgt_pad_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Teacher-forced decoder: tgt_ids (B, T) and the encoder output (B, S, d_model) -> logits (B, T, vocab)."""
-        src_mask = None if src_pad_mask is None else ~src_pad_mask
-        tgt_mask = None if tgt_pad_mask is None else ~tgt_pad_mask
+               tgt_pad_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, pad_id: int = -100,
+               label_smoothing: float = 0.0, reduction: Literal["mean", "sum"] = "sum") -> torch.Tensor:
+        """Teacher-forced decoder: tgt_ids (B, T) and the encoder output (B, S, d_model) -> logits (B, T, vocab);
+        with `labels` (B, T) the loss instead, as `forward` says."""
+        src_mask, tgt_mask = KeyMask.of_padding(src_pad_mask), KeyMask.of_padding(tgt_pad_mask)
         x = self._embed(self.tgt_embeddings, tgt_ids)
         for layer in self.decoder_layers:
             x = layer(x, memory, src_mask, tgt_mask)
-        return self.output(x if self.decoder_norm is None else self.decoder_norm(x))
+        x = x if self.decoder_norm is None else self.decoder_norm(x)
+        if labels is None:
+            return self.output(x)
+        # fairseq's eps (eps / (V - 1) on every other token) is F.cross_entropy's eps * V / (V - 1).
+        V = self.cfg.vocab_size
+        return self.output(x, labels, pad_id, label_smoothing * V / (V - 1), reduction)
 
     def forward(self, src_ids: torch.Tensor, src_pad_mask: torch.Tensor | None, tgt_in_ids: torch.Tensor,
-                tgt_pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+                tgt_pad_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, pad_id: int = -100,
+                label_smoothing: float = 0.0, reduction: Literal["mean", "sum"] = "sum") -> torch.Tensor:
         """Source (B, S) and decoder input (B, T) (BOS, then the target shifted right) -> logits (B, T, vocab).
 
-        Pad masks are True at padding; see the module docstring for when `tgt_pad_mask` may be None.
+        Pad masks are True at padding; see the module docstring for when `tgt_pad_mask` may be None. With `labels`
+        (B, T), the label-smoothed cross-entropy of `label_smoothed_loss` instead (fp32 scalar; labels equal to
+        `pad_id` ignored; summed by default), computed by the output head chunk by chunk without the full logits
+        (`llm.models.loss`).
         """
+        src_pad_mask = KeyMask.of_padding(src_pad_mask)  # one unpadding for every encoder and cross-attention layer
         memory = self.encode(src_ids, src_pad_mask)
-        return self.decode(tgt_in_ids, memory, src_pad_mask, tgt_pad_mask)
+        return self.decode(tgt_in_ids, memory, src_pad_mask, tgt_pad_mask, labels, pad_id, label_smoothing,
+                           reduction)
 
     # ---- incremental decoding --------------------------------------------------------------------------------
 
@@ -280,8 +294,9 @@ class EncoderDecoder(nn.Module):
     def decode_step(self, tgt_ids: torch.Tensor, state: DecoderState) -> torch.Tensor:
         """The next decoder inputs (B, T) after those in `state` -> logits (B, T, vocab); the state advances."""
         x = self._embed(self.tgt_embeddings, tgt_ids, start=state.cache.length)
+        src_mask = KeyMask.of(state.src_mask)  # one per step, shared by the layers
         for i, layer in enumerate(self.decoder_layers):
-            x = layer(x, state.cross_kv[i], state.src_mask, None, state.cache, i)
+            x = layer(x, state.cross_kv[i], src_mask, None, state.cache, i)
         state.cache.advance(tgt_ids.shape[1])
         return self.output(x if self.decoder_norm is None else self.decoder_norm(x))
 
@@ -329,6 +344,7 @@ def label_smoothed_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int
     The smoothed target puts 1 - eps on the reference token and eps / (V - 1) on every other one (fairseq's
     `label_smoothed_cross_entropy`). "mean" divides by the number of non-padding targets; "sum" lets a trainer
     divide by the global count of a step instead, so that every target token weighs the same whatever its batch.
+    Training computes the same in the output head without full logits (`EncoderDecoder.forward(..., labels=)`).
     """
     lprobs = logits.float().log_softmax(dim=-1).flatten(0, -2)  # (N, V)
     targets = targets.flatten()  # (N,)

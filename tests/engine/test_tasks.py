@@ -1,18 +1,21 @@
 """Translation through `llm train`: two real processes with ZeRO-2 over gloo compute what one process computes
 (every target token weighs the same, whatever batch it is in), validation BLEU gathers the ranks' translations in
-order, and a run killed with -9 resumes exactly."""
+order, and a run killed with -9 resumes exactly. Both tasks' losses come from the model's chunked output head and
+equal the unfused loss of its logits."""
 
 import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from llm.config import load_config
+from llm.engine.build import build_for_training
 from llm.engine.tasks import make_task
 from llm.engine.trainer import seed_everything
 from llm.models.encoder_decoder import label_smoothed_loss
 from tests.conftest import pair_vocab
-from tests.helpers import kill_tree, losses, run_train, start_train, wait_for, write_translation_config
+from tests.helpers import kill_tree, losses, run_train, start_train, wait_for, write_config, write_translation_config
 
 
 def records(run_dir, split):
@@ -51,7 +54,7 @@ def test_two_processes_match_one_process_with_the_same_batches(packed_pairs, tra
     task = make_task(cfg)
     seed_everything(cfg.train.seed)
     loader, _ = task.loaders(0, 1)
-    model = task.build_model()
+    model = build_for_training(task, cfg, accelerator=None)  # ZeRO-0: the accelerator is not needed
     batches = [next(loader), next(loader)]
     with torch.no_grad():
         sums = [label_smoothed_loss(model(b["src_ids"], b["src_pad_mask"], b["tgt_in_ids"]), b["labels"],
@@ -75,3 +78,49 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(packed_pairs, transl
     state = json.loads((tmp_path / "run/checkpoints/step-00000024/trainer_state.json").read_text())
     assert state["loader"] == json.loads((translation_run / "checkpoints/step-00000024/trainer_state.json")
                                          .read_text())["loader"]
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def _assert_same(loss, grads, ref_loss, ref_grads):
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for name, g in grads.items():
+        assert (g - ref_grads[name]).abs().max().item() <= 1e-5 * max(1.0, ref_grads[name].abs().max().item()), name
+
+
+def test_lm_loss_is_the_unfused_cross_entropy_of_the_logits(packed_data, tmp_path):
+    cfg = load_config(write_config(tmp_path, packed_data, label_smoothing=0.1, grad_accum=1))
+    task = make_task(cfg)
+    loader, _ = task.loaders(0, 1)
+    batch = next(loader)
+    model = task.build_model()
+    inputs = {k: batch[k] for k in ("input_ids", "position_ids", "cu_seqlens") if k in batch}
+    logits = model(**inputs, max_seqlen=batch.get("max_seqlen")).float().flatten(0, 1)
+    ref = F.cross_entropy(logits, batch["labels"].flatten(), label_smoothing=0.1)
+    ref.backward()
+    ref_grads = _grads(model)
+    loss = task.loss(model, batch, torch.device("cpu"), step_tokens=0)
+    loss.backward()
+    _assert_same(loss, _grads(model), ref, ref_grads)
+
+
+def test_translation_loss_is_the_unfused_label_smoothed_loss_of_the_logits(packed_pairs, tmp_path):
+    cfg = load_config(write_translation_config(tmp_path, packed_pairs, pair_vocab(packed_pairs)))
+    task = make_task(cfg)
+    loader, _ = task.loaders(0, 1)
+    batch = next(loader)
+    assert (batch["labels"] == task.pad_id).any()  # padding to ignore
+    model = task.build_model()
+    logits = model(batch["src_ids"], batch["src_pad_mask"], batch["tgt_in_ids"])
+    ref = label_smoothed_loss(logits, batch["labels"], task.pad_id, 0.1, reduction="sum") / batch["num_tokens"]
+    ref.backward()
+    ref_grads = _grads(model)
+    # One process, no accumulation: the step's tokens are this batch's, so the loss is the mean per target token.
+    loss = task.loss(model, batch, torch.device("cpu"), step_tokens=batch["num_tokens"])
+    loss.backward()
+    _assert_same(loss, _grads(model), ref, ref_grads)

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from llm.export import llama as adapter
 from llm.export.hf import ExportVerificationError, export
-from tests.helpers import ROOT, env, run_train, write_config
+from tests.helpers import ROOT, env, losses, run_train, write_config
 
 PROMPT = "from email import"
 
@@ -91,8 +91,7 @@ def test_continue_pretraining_from_an_export(trained, packed_data, tmp_path):
     result = run_train(config, 1, ["model.tie_embeddings=false", "optim.lr=1e-9"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"initialised from {out}" in result.stdout
-    first = json.loads((tmp_path / "run/metrics.jsonl").read_text().splitlines()[0])
-    scratch = json.loads((trained[(0, False)] / "metrics.jsonl").read_text().splitlines()[0])
-    assert first["loss"] < scratch["loss"] - 1.0  # starts where the exported model was, not from scratch
+    first, scratch = losses(tmp_path / "run")[1], losses(trained[(0, False)])[1]
+    assert first < scratch - 1.0  # starts where the exported model was, not from scratch
     bad = run_train(config, 1, ["model.tie_embeddings=false", "model.n_layers=2"])
     assert bad.returncode == 1 and "model.n_layers: " in bad.stderr
