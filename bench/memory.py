@@ -15,7 +15,7 @@ too, for reference: the whole model built on every rank, then handed to ZeRO-3's
 `head`: one forward + backward of the output head and its loss at the `1b` shape (d_model 2048, vocab 128,256) on
 2 x 2048 tokens in fp32, unfused (`F.cross_entropy(F.linear(h, W).float(), y)`, full logits) against the chunked
 `llm.models.loss.linear_cross_entropy`. Each in a fresh process: its peak RSS above the baseline taken after the
-inputs and the weight are allocated, and the median time of `--repeats` runs.
+inputs and the weight are allocated, and its time; the median over `--repeats` rounds that alternate the order.
 
     python bench/memory.py head                     # the 1b head; --chunk-bytes to try another chunk size
 """
@@ -86,7 +86,8 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def head_worker(args: argparse.Namespace) -> None:
-    """One head variant in this fresh process: print its peak above the baseline, its times and its loss."""
+    """One forward + backward of one head variant in this fresh process: print its peak above the baseline, its
+    time and its loss."""
     import torch
     import torch.nn.functional as F
 
@@ -99,44 +100,52 @@ def head_worker(args: argparse.Namespace) -> None:
     labels = torch.randint(0, args.vocab, (args.tokens,))
     baseline = peak_bytes()
     chunk = chunk_tokens(args.vocab, args.chunk_bytes)
+    start, cpu_start = time.perf_counter(), cpu_seconds()
     if args.head_worker == "unfused":
-        def head():
-            return F.cross_entropy(F.linear(h, weight).float(), labels)
+        loss = F.cross_entropy(F.linear(h, weight).float(), labels)
     else:
-        def head():
-            return linear_cross_entropy(h, weight, labels, chunk_size=chunk, impl="torch")
-    times = []
-    for _ in range(args.repeats):
-        h.grad = weight.grad = None  # allocated anew each time, as in a first step
-        start = time.perf_counter()
-        loss = head()
-        loss.backward()
-        times.append(time.perf_counter() - start)
-    print(json.dumps({"peak": peak_bytes() - baseline, "times": times, "loss": loss.item(), "chunk": chunk,
-                      "threads": torch.get_num_threads()}))
+        loss = linear_cross_entropy(h, weight, labels, chunk_size=chunk, impl="torch")
+    loss.backward()
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
+    print(json.dumps({"peak": peak_bytes() - baseline, "seconds": seconds, "cpu": cpu, "loss": loss.item(),
+                      "chunk": chunk, "threads": torch.get_num_threads()}))
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process, all threads: less sensitive than wall time to other jobs."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run_head(args: argparse.Namespace) -> None:
+    """`--repeats` rounds, each variant once per round in a fresh process, the order alternating from round to
+    round, so that both variants see the same share of whatever else the machine is doing."""
     base = [sys.executable, str(Path(__file__).resolve()), "head", "--tokens", str(args.tokens), "--d-model",
-            str(args.d_model), "--vocab", str(args.vocab), "--repeats", str(args.repeats), "--chunk-bytes",
-            str(args.chunk_bytes)]
-    results = {}
-    for variant in ("unfused", "chunked"):
-        result = subprocess.run([*base, "--head-worker", variant], cwd=ROOT, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise SystemExit(f"head {variant} failed:\n{result.stderr[-4000:]}")
-        results[variant] = json.loads(result.stdout.strip().splitlines()[-1])
-    u, c = results["unfused"], results["chunked"]
-    med = {k: statistics.median(r["times"]) for k, r in results.items()}
+            str(args.d_model), "--vocab", str(args.vocab), "--chunk-bytes", str(args.chunk_bytes)]
+    runs = {"unfused": [], "chunked": []}
+    for r in range(args.repeats):
+        for variant in ("unfused", "chunked") if r % 2 == 0 else ("chunked", "unfused"):
+            result = subprocess.run([*base, "--head-worker", variant], cwd=ROOT, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise SystemExit(f"head {variant} failed:\n{result.stderr[-4000:]}")
+            runs[variant].append(json.loads(result.stdout.strip().splitlines()[-1]))
+    peak = {k: max(x["peak"] for x in v) for k, v in runs.items()}
+    med = {k: statistics.median(x["seconds"] for x in v) for k, v in runs.items()}
+    cpu = {k: statistics.median(x["cpu"] for x in v) for k, v in runs.items()}
+    per_round = [c["seconds"] / u["seconds"] for u, c in zip(runs["unfused"], runs["chunked"], strict=True)]
+    u, c = runs["unfused"][0], runs["chunked"][0]
     print(f"loss head: d_model {args.d_model}, vocab {args.vocab:,}, {args.tokens:,} tokens, fp32 on CPU, "
           f"{u['threads']} threads; chunked: {c['chunk']} tokens per chunk ({args.chunk_bytes / 2**20:.0f} MiB of "
-          f"fp32 logits); peak RSS above the inputs and weight; time of forward + backward, median of {args.repeats}")
-    print(f"{'head':<10}{'peak MB':>10}{'time ms':>10}   times ms")
-    for name, r in results.items():
-        print(f"{name:<10}{r['peak'] / 1e6:>10,.0f}{med[name] * 1e3:>10,.0f}   "
-              + " ".join(f"{t * 1e3:,.0f}" for t in r["times"]))
-    print(f"chunked / unfused: peak {c['peak'] / u['peak']:.2f}x, time {med['chunked'] / med['unfused']:.3f}x; "
-          f"loss {c['loss']:.6f} vs {u['loss']:.6f}")
+          f"fp32 logits); peak RSS above the inputs and weight (worst run); forward + backward, median of "
+          f"{args.repeats} fresh processes each")
+    print(f"{'head':<10}{'peak MB':>10}{'time ms':>10}{'CPU ms':>10}   time of each run, ms")
+    for name, v in runs.items():
+        print(f"{name:<10}{peak[name] / 1e6:>10,.0f}{med[name] * 1e3:>10,.0f}{cpu[name] * 1e3:>10,.0f}   "
+              + " ".join(f"{x['seconds'] * 1e3:,.0f}" for x in v))
+    ratio = {k: d["chunked"] / d["unfused"] for k, d in (("peak", peak), ("time", med), ("cpu", cpu))}
+    print(f"chunked / unfused: peak {ratio['peak']:.2f}x, time {ratio['time']:.3f}x (per round: "
+          f"{' '.join(f'{x:.3f}' for x in per_round)}), CPU time {ratio['cpu']:.3f}x;"
+          f" loss {c['loss']:.6f} vs {u['loss']:.6f}")
 
 
 def _free_port() -> int:
@@ -184,7 +193,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2 * 2048, help="head: tokens (micro-batch x seq_len)")
     parser.add_argument("--d-model", type=int, default=2048, help="head: hidden size")
     parser.add_argument("--vocab", type=int, default=128_256, help="head: vocabulary size")
-    parser.add_argument("--repeats", type=int, default=3, help="head: forward + backward runs per variant")
+    parser.add_argument("--repeats", type=int, default=5, help="head: rounds (a fresh process per variant each)")
     parser.add_argument("--chunk-bytes", type=int, default=None, help="head: fp32 logits per chunk (bytes)")
     parser.add_argument("--head-worker", choices=["unfused", "chunked"], help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

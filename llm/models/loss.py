@@ -12,9 +12,9 @@ what was recorded there, so the loss has to run inside the output module's forwa
 `nn.Linear` output projection (same parameter name, tying unchanged) that returns logits without labels and the
 loss with them.
 
-Label smoothing is F.cross_entropy's: the target puts 1 - eps + eps / V on the label and eps / V on every class, so
-the loss is (1 - eps) * nll + eps * mean over classes of -log p. Labels equal to `ignore_index` add nothing; "mean"
-divides by the number of the others.
+Label smoothing is F.cross_entropy's: the target puts 1 - eps + eps / V on the label and eps / V on every other
+class, so the loss is (1 - eps) * nll + eps * mean over classes of -log p. Labels equal to `ignore_index` add
+nothing; "mean" divides by the number of the others.
 
 On CUDA, Liger-Kernel's fused linear cross-entropy (Triton, the same definition) is used where it is installed.
 """
