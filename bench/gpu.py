@@ -114,13 +114,13 @@ def hf_bare_loop(data: Path, s: dict, device: torch.device) -> dict:
     """transformers' LlamaForCausalLM on the batches `llm train` saw without document masking."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llm.export.llama import to_hf_config
+    from llm.export.families import to_hf_config
 
     cfg = load_model_config(s["preset"])
     loader = iter(build_train_loader(DataConfig(datasets=[DatasetEntry(path=str(data))], seq_len=s["seq_len"]),
                                      s["micro_batch"], 0, 1, vocab_size=cfg.vocab_size))
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**to_hf_config(cfg), attn_implementation="sdpa")).to(device)
+    model = LlamaForCausalLM(LlamaConfig(**to_hf_config(cfg)[1], attn_implementation="sdpa")).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
                             fused=device.type == "cuda")
     bf16 = s["precision"] == "bf16"

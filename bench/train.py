@@ -38,7 +38,7 @@ from llm.config import (  # noqa: E402
 )
 from llm.data.loader import build_train_loader  # noqa: E402
 from llm.engine.optim import build_optimizer  # noqa: E402
-from llm.export.llama import to_hf_config  # noqa: E402
+from llm.export.families import to_hf_config  # noqa: E402
 from llm.models import build_model  # noqa: E402
 
 SHAPES = {
@@ -124,7 +124,7 @@ def main() -> None:
                 results["bare loop (ours)"].append(bare_loop(ours, batches, args, lambda m, x: m(x)))
                 from transformers import LlamaConfig, LlamaForCausalLM
 
-                hf = LlamaForCausalLM(LlamaConfig(**to_hf_config(cfg), attn_implementation="sdpa"))
+                hf = LlamaForCausalLM(LlamaConfig(**to_hf_config(cfg)[1], attn_implementation="sdpa"))
                 results["bare loop (HF Llama)"].append(bare_loop(hf, batches, args, lambda m, x: m(x).logits))
             med = {k: statistics.median(v) for k, v in results.items()}
             n_params = build_model(cfg, device="meta").num_params()

@@ -1,8 +1,9 @@
 """Tokenise a corpus in parallel and pack it into token shards for language-model pretraining.
 
-Each document's tokens are followed by EOS; shards hold uint16 tokens when the vocabulary fits (else uint32) with a
-versioned header and a document index; documents are split into train/val by a seeded hash; manifest.json records
-the format version, tokenizer hash and vocab size, per-shard counts, sizes and sha256, and the source files.
+Each document's tokens are followed by EOS (and preceded by BOS where the tokenizer's template puts one); shards
+hold uint16 tokens when the vocabulary fits (else uint32) with a versioned header and a document index; documents
+are split into train/val by a seeded hash; manifest.json records the format version, tokenizer hash and vocab size,
+per-shard counts, sizes and sha256, and the source files.
 The same input gives byte-identical output, whatever --num-proc. The checksums are also recorded in verified/
 (with file times and per-block checksums, so not byte-identical) so that training trusts the fresh shards without
 hashing them again.
@@ -10,6 +11,7 @@ hashing them again.
     python -m data_prep.pack_lm                                   # default corpus + data/tokenizer -> data/stdlib
     python -m data_prep.pack_lm --input corpus/ --tokenizer data/tokenizer --output data/corpus --num-proc 16
     python -m data_prep.pack_lm --input 'web/*.parquet' --text-column content --tokenizer path/to/hf-tokenizer
+    python -m data_prep.pack_lm --input corpus/ --tokenizer models/SmolLM2-135M --output data/smol   # a model's own
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--encoding-errors", default="replace",
                    help="how undecodable bytes in text files are handled: replace (U+FFFD, default) or strict")
     p.add_argument("--eos-token", default=None, help="document separator token, if the tokenizer's EOS is unset")
+    p.add_argument("--bos", choices=("auto", "yes", "no"), default="auto",
+                   help="start every document with the BOS token: auto (default) where the tokenizer's own "
+                        "template does (Llama 3, Mistral), not otherwise (Qwen, SmolLM2, tokenizers we train)")
     p.add_argument("--val-fraction", type=float, default=0.01,
                    help="fraction of documents in the validation split (default: %(default)s)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the train/validation split (default: %(default)s)")
@@ -68,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         args.output, tok, args.input, text_column=args.text_column, txt_unit=args.txt_unit,
         encoding_errors=args.encoding_errors, val_fraction=args.val_fraction, seed=args.seed,
         num_proc=args.num_proc, shard_tokens=args.shard_tokens, chunk_chars=args.chunk_chars,
-        overwrite=args.overwrite, progress=not args.no_progress)
+        overwrite=args.overwrite, progress=not args.no_progress, bos=args.bos)
     seconds = time.perf_counter() - start
     stats = manifest["stats"]
     print(f"wrote {args.output}: {len(manifest['sources'])} files, {stats['documents_read']} documents, "

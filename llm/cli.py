@@ -33,9 +33,14 @@ def _info(args: argparse.Namespace) -> int:
         seq_len = args.seq_len or cfg.data.seq_len
         model = build_model(m, device="meta")  # nothing is allocated
         embedding = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
+        features = [f"{m.rope_scaling.type} RoPE scaling x{m.rope_scaling.factor:g}" if m.rope_scaling else "",
+                    "q/k/v biases" if m.attention_bias else "", "q/k norms" if m.qk_norm else "",
+                    f"sliding window {m.sliding_window}" if m.sliding_window else "",
+                    f"exports as {m.export_family}"]
         shape = (f"{m.n_layers} layers, d_model {m.d_model}, {m.n_heads} heads ({m.kv_heads} kv), "
                  f"head_dim {m.head_dim}, ffn {m.ffn_hidden}, vocab {m.vocab_size}, "
-                 f"{'tied' if m.tie_embeddings else 'untied'} embeddings")
+                 f"{'tied' if m.tie_embeddings else 'untied'} embeddings, context {m.max_seq_len}; "
+                 + ", ".join(f for f in features if f))
         at = f"at seq_len {seq_len}"
     params = model.num_params()
     flops = model.flops_per_token(seq_len)
@@ -218,12 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     export = sub.add_parser(
-        "export", help="export a checkpoint to a Hugging Face transformers folder (Llama or Marian), verified",
+        "export", help="export a checkpoint to a transformers folder (Llama, Mistral, Qwen2, Qwen3 or Marian), "
+                       "verified",
         description="Consolidate a checkpoint of `llm train` (any ZeRO stage and number of processes, on CPU), "
                     "write config.json, safetensors weights, the tokenizer, generation_config.json and a model "
                     "card, then load the folder with transformers and compare logits and greedy continuations "
                     "with our model. A folder that fails the check is not written. Language models become "
-                    "LlamaForCausalLM; translation models (post-norm) MarianMTModel, checked on validation "
+                    "their model.family's class (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
+                    "Qwen3ForCausalLM); translation models (post-norm) MarianMTModel, checked on validation "
                     "sentences.",
         epilog="example: llm export runs/tiny_cpu exports/tiny --dtype bf16")
     export.add_argument("checkpoint", help="a run folder (its latest checkpoint) or one checkpoint folder")
@@ -235,11 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=_export)
 
     gen = sub.add_parser(
-        "generate", help="generate text from a checkpoint or an exported/Hugging Face Llama folder",
+        "generate", help="generate text from a checkpoint or a transformers folder (Llama, Mistral, Qwen2, Qwen3)",
         description="Incremental decoding with a KV cache, streamed as it is produced. Greedy by default; "
                     "--temperature > 0 samples (with optional --top-k / --top-p). Stops at EOS.",
         epilog='example: llm generate runs/tiny_cpu --prompt "def main(" --max-new-tokens 64')
-    gen.add_argument("model", help="a run folder, a checkpoint folder or a transformers Llama folder")
+    gen.add_argument("model", help="a run folder, a checkpoint folder or a transformers folder")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")

@@ -45,22 +45,67 @@ def _fail(source: str, key: str, value: Any, reason: str) -> typing.NoReturn:
 
 
 @dataclass
+class RopeScaling:
+    """RoPE frequency scaling, as `transformers` computes it (`rope_parameters`): how a model pretrained at one
+    context length runs at a longer one. `llama3`: Llama 3.1/3.2's per-band rescaling (factor, low_freq_factor,
+    high_freq_factor, original_max_position_embeddings); `linear`: every frequency divided by factor; `yarn`: YaRN
+    (factor, original_max_position_embeddings, beta_fast, beta_slow; attention_factor scales cos and sin)."""
+
+    type: Literal["llama3", "linear", "yarn"] = "llama3"
+    factor: float = 8.0
+    original_max_position_embeddings: int | None = None  # llama3, yarn: the context length pretrained at
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    attention_factor: float | None = None  # yarn; null: 0.1 * ln(factor) + 1
+    truncate: bool = True  # yarn: round the correction range to whole dimensions
+
+    def check(self, source: str, prefix: str) -> None:
+        if self.factor < 1:
+            _fail(source, f"{prefix}.factor", self.factor, "must be at least 1")
+        if self.type in ("llama3", "yarn") and not (self.original_max_position_embeddings or 0) > 0:
+            _fail(source, f"{prefix}.original_max_position_embeddings", self.original_max_position_embeddings,
+                  f"{self.type} scaling needs the pretraining context length (a positive integer)")
+        if self.type == "llama3" and not 0 < self.low_freq_factor < self.high_freq_factor:
+            _fail(source, f"{prefix}.high_freq_factor", self.high_freq_factor,
+                  f"must be larger than low_freq_factor = {self.low_freq_factor} (both positive)")
+        if self.attention_factor is not None and self.attention_factor <= 0:
+            _fail(source, f"{prefix}.attention_factor", self.attention_factor, "must be positive (or null)")
+
+
+@dataclass
 class ModelConfig:
-    """Shape of a Llama-style decoder. Defaults are the Llama-2-7B shape."""
+    """Shape of a Llama-style decoder. Defaults are the Llama-2-7B shape.
+
+    The features of other families are fields, never implied by a name: q/k/v biases (Qwen2), RMSNorm on queries
+    and keys (Qwen3), RoPE scaling (Llama 3.1+), a head size apart from d_model / n_heads, a sliding window.
+    `family` only says which `transformers` class an export writes.
+    """
 
     vocab_size: int = 32000
     d_model: int = 4096
     n_layers: int = 32
     n_heads: int = 32
     n_kv_heads: int | None = None  # None: multi-head attention (= n_heads); 1: multi-query attention
+    d_head: int | None = None  # size of one attention head; None: d_model // n_heads
     d_ff: int | None = None  # SwiGLU hidden size; None: Llama's rule, 8/3 * d_model rounded up to ffn_multiple_of
     ffn_multiple_of: int = 256
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None  # None: RoPE as pretrained (no scaling)
+    attention_bias: bool = False  # biases on the q, k and v projections (Qwen2); the output projection has none
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (Qwen3)
+    # Attention looks back at most this many tokens (Mistral 7B v0.1). Up to the window that is full causal
+    # attention, which is what runs; longer sequences are refused. None: no window.
+    sliding_window: int | None = None
     max_seq_len: int = 4096
     tie_embeddings: bool = False
     attention: Literal["auto", "flash", "sdpa", "eager", "varlen"] = "auto"
     init_std: float = 0.02
+    # The transformers class `llm export` writes: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM or
+    # Qwen3ForCausalLM. auto: qwen3 with qk_norm, qwen2 with attention_bias, mistral with a sliding window, else llama.
+    family: Literal["auto", "llama", "mistral", "qwen2", "qwen3"] = "auto"
 
     @property
     def kv_heads(self) -> int:
@@ -68,7 +113,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.d_model // self.n_heads if self.d_head is None else self.d_head
 
     @property
     def ffn_hidden(self) -> int:
@@ -76,6 +121,19 @@ class ModelConfig:
             return self.d_ff
         hidden = int(2 * 4 * self.d_model / 3)
         return self.ffn_multiple_of * ((hidden + self.ffn_multiple_of - 1) // self.ffn_multiple_of)
+
+    @property
+    def context(self) -> int:
+        """The longest sequence the model runs: max_seq_len, or the sliding window if shorter."""
+        return min(self.max_seq_len, self.sliding_window or self.max_seq_len)
+
+    @property
+    def export_family(self) -> str:
+        """`family`, with auto resolved from the features."""
+        if self.family != "auto":
+            return self.family
+        return "qwen3" if self.qk_norm else "qwen2" if self.attention_bias else (
+            "mistral" if self.sliding_window else "llama")
 
     def check(self, source: str, prefix: str = "model") -> None:
         positive = ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_multiple_of", "max_seq_len")
@@ -85,16 +143,24 @@ class ModelConfig:
         for name in ("norm_eps", "rope_theta", "init_std"):
             if getattr(self, name) <= 0:
                 _fail(source, f"{prefix}.{name}", getattr(self, name), "must be positive")
-        if self.d_model % self.n_heads:
-            _fail(source, f"{prefix}.n_heads", self.n_heads, f"must divide {prefix}.d_model = {self.d_model}")
+        if self.d_head is None and self.d_model % self.n_heads:
+            _fail(source, f"{prefix}.n_heads", self.n_heads, f"must divide {prefix}.d_model = {self.d_model} "
+                                                             f"(or set {prefix}.d_head)")
+        if self.d_head is not None and self.d_head <= 0:
+            _fail(source, f"{prefix}.d_head", self.d_head, "must be positive (or null: d_model / n_heads)")
         if self.head_dim % 2:
-            _fail(source, f"{prefix}.n_heads", self.n_heads,
+            _fail(source, f"{prefix}.{'n_heads' if self.d_head is None else 'd_head'}",
+                  self.n_heads if self.d_head is None else self.d_head,
                   f"gives head_dim = {self.head_dim}; RoPE needs an even head_dim")
         if self.n_kv_heads is not None and (self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads):
             _fail(source, f"{prefix}.n_kv_heads", self.n_kv_heads,
                   f"must be a positive divisor of {prefix}.n_heads = {self.n_heads}")
         if self.d_ff is not None and self.d_ff <= 0:
             _fail(source, f"{prefix}.d_ff", self.d_ff, "must be positive (or null for Llama's rule)")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            _fail(source, f"{prefix}.sliding_window", self.sliding_window, "must be positive (or null: no window)")
+        if self.rope_scaling is not None:
+            self.rope_scaling.check(source, f"{prefix}.rope_scaling")
 
 
 @dataclass
@@ -255,7 +321,7 @@ class TrainConfig:
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload: bool = False  # ZeRO-3 optimizer and parameter offload to CPU
     deepspeed_config: str | None = None  # a custom sharding JSON; default configs/deepspeed/zero<stage>[_offload]
-    init_from: str | None = None  # a Hugging Face LlamaForCausalLM folder to start from (continued pretraining)
+    init_from: str | None = None  # a transformers folder (Llama, Mistral, Qwen2, Qwen3) to continue pretraining from
     seed: int = 1234
     activation_checkpointing: bool = False
     compile: bool = False
@@ -325,10 +391,15 @@ class RunConfig:
         self.train.check(source)
         self.decode.check(source)
         if self.task == "translation" and self.train.init_from:
-            _fail(source, "train.init_from", self.train.init_from, "imports a Llama; translation runs start fresh")
+            _fail(source, "train.init_from", self.train.init_from,
+                  "imports a decoder-only model; translation runs start fresh")
         if self.task == "lm" and self.data.seq_len > self.model.max_seq_len:
             _fail(source, "data.seq_len", self.data.seq_len,
                   f"exceeds model.max_seq_len = {self.model.max_seq_len}")
+        if self.task == "lm" and self.data.seq_len > self.model.context:
+            _fail(source, "data.seq_len", self.data.seq_len,
+                  f"exceeds model.sliding_window = {self.model.sliding_window}: attention beyond the window is not "
+                  "implemented (sequences up to the window are exact)")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -363,6 +434,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         for arg in args:
             if arg is type(None):
                 continue
+            if dataclasses.is_dataclass(arg) and isinstance(value, dict):
+                return _coerce(value, arg, key, source)  # a mapping for a section: its own error names the key
             try:
                 return _coerce(value, arg, key, source)
             except ConfigError:

@@ -1,7 +1,8 @@
 """Text generation with a KV cache: greedy or sampled (temperature, top-k, top-p), streamed token by token.
 
 `load_model` takes any of: a run folder of `llm train` (its latest checkpoint), one checkpoint folder, or a
-Hugging Face LlamaForCausalLM folder (an export of ours, or another Llama); it returns our Decoder and the tokenizer.
+`transformers` folder of a family we import (Llama, Mistral, Qwen2, Qwen3: an export of ours or a published
+model); it returns our Decoder and the tokenizer.
 """
 
 from __future__ import annotations
@@ -48,9 +49,9 @@ def generate(model: Decoder, prompt: list[int], s: Sampling, eos_id: int | None 
     if not prompt:
         raise ValueError("the prompt is empty: give at least one token")
     device = model.tok_embeddings.weight.device
-    max_len = min(model.cfg.max_seq_len, len(prompt) + s.max_new_tokens)
+    max_len = min(model.cfg.context, len(prompt) + s.max_new_tokens)
     if len(prompt) >= max_len:
-        raise ValueError(f"the prompt has {len(prompt)} tokens; the model's context is {model.cfg.max_seq_len}")
+        raise ValueError(f"the prompt has {len(prompt)} tokens; the model's context is {model.cfg.context}")
     generator = None
     if s.seed is not None:
         generator = torch.Generator(device=device).manual_seed(s.seed)
@@ -69,14 +70,14 @@ def generate(model: Decoder, prompt: list[int], s: Sampling, eos_id: int | None 
 
 
 def load_model(path: str | Path, device: str = "cpu") -> tuple[Decoder, object]:
-    """Our Decoder (fp32, eval mode) and its tokenizer, from a run folder, a checkpoint or a HF Llama folder."""
+    """Our Decoder (fp32, eval mode) and its tokenizer, from a run folder, a checkpoint or a transformers folder."""
     import dataclasses
 
     from transformers import AutoTokenizer
 
     from llm.checkpoint.consolidate import consolidated_state_dict, resolve_checkpoint, tokenizer_folder
     from llm.config import load_config
-    from llm.export.hf import load_hf_folder
+    from llm.export.families import load_hf_folder
     from llm.models import build_model
 
     path = Path(path)

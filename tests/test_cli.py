@@ -128,3 +128,18 @@ def test_translate_average_and_export_of_a_translation_run(packed_pairs, transla
         theirs.append(tok.decode(ids[0], skip_special_tokens=True))
     assert ours.stdout.splitlines() == theirs
     assert len(set(theirs)) > 1  # not one degenerate output for every sentence
+
+
+@pytest.mark.parametrize("preset, shape", [
+    ("llama-3.2-1b", "llama3 RoPE scaling x32, exports as llama"), ("llama-3.2-3b", "exports as llama"),
+    ("llama-3.1-8b", "llama3 RoPE scaling x8"), ("qwen2.5-0.5b", "q/k/v biases, exports as qwen2"),
+    ("qwen2.5-1.5b", "q/k/v biases"), ("qwen2.5-7b", "q/k/v biases"), ("qwen3-0.6b", "head_dim 128"),
+    ("qwen3-1.7b", "q/k norms, exports as qwen3"), ("qwen3-8b", "q/k norms"), ("mistral-7b-v0.3", "exports as mistral"),
+    ("smollm2-135m", "exports as llama"), ("smollm2-360m", "15 heads (5 kv)"), ("smollm2-1.7b", "vocab 49152"),
+])
+def test_info_on_the_published_model_presets(preset, shape, capsys):
+    from llm.cli import main
+
+    assert main(["info", preset, "--gpus", "8", "--seq-len", "4096"]) == 0
+    out = capsys.readouterr().out
+    assert shape in out and "ZeRO-3" in out and "parameters" in out

@@ -128,3 +128,29 @@ def test_nan_and_infinite_values_are_refused(override):
     key = override.split("=")[0]
     with pytest.raises(ConfigError, match=rf"{re.escape(key)} = .*expected a finite number"):
         load_config(ROOT / "configs/train/tiny_cpu.yaml", [override])
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("[mt][or]*/*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_model_and_train_config_loads(path):
+    load_config(path)
+
+
+@pytest.mark.parametrize("rope, message", [
+    ("{type: llama3, factor: 8.0}", r"model.rope_scaling.original_max_position_embeddings = None: llama3 scaling "
+                                    r"needs the pretraining context length"),
+    ("{type: yarn, factor: 0.5, original_max_position_embeddings: 64}", r"model.rope_scaling.factor = 0.5: must be at"),
+    ("{type: ntk, factor: 2.0}", r"model.rope_scaling.type = 'ntk': expected one of 'llama3', 'linear', 'yarn'"),
+    ("{type: linear, factr: 2.0}", r"unknown key 'model.rope_scaling.factr' \(did you mean 'factor'\?\)"),
+])
+def test_rope_scaling_is_checked_with_the_key_named(tmp_path, rope, message):
+    (tmp_path / "run.yaml").write_text(f"model: {{n_layers: 1, rope_scaling: {rope}}}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(tmp_path / "run.yaml")
+
+
+def test_decoupled_head_size(tmp_path):
+    (tmp_path / "run.yaml").write_text("model: {d_model: 96, n_heads: 5, d_head: 32}\n")
+    assert load_config(tmp_path / "run.yaml").model.head_dim == 32  # 5 heads do not divide 96: d_head says 32
+    (tmp_path / "run.yaml").write_text("model: {d_model: 96, n_heads: 5}\n")
+    with pytest.raises(ConfigError, match=r"model.n_heads = 5: must divide model.d_model = 96 \(or set model.d_head\)"):
+        load_config(tmp_path / "run.yaml")

@@ -1,4 +1,5 @@
-"""Tokenise a corpus in parallel and pack it into EOS-separated token shards with a train/validation split.
+"""Tokenise a corpus in parallel and pack it into EOS-separated token shards with a train/validation split
+(documents also start with BOS where the tokenizer's template puts one: Llama, Mistral).
 
 The pipeline streams: the main process reads documents through `datasets` (streaming), cuts them into chunks of
 about `chunk_chars` characters, and hands each chunk to a worker (a process, or a thread with `num_proc=1`), which
@@ -51,13 +52,14 @@ def default_num_proc() -> int:
 class ChunkTokenizer:
     """Turns a chunk of documents into (train tokens, train doc lengths, val tokens, val doc lengths, counts)."""
 
-    def __init__(self, tokenizer_json: str, eos_id: int, dtype: str, split_key: int, val_fraction: float):
+    def __init__(self, tokenizer_json: str, eos_id: int, dtype: str, split_key: int, val_fraction: float,
+                 bos_id: int | None = None):
         from tokenizers import Tokenizer
 
         self.tokenizer = Tokenizer.from_str(tokenizer_json)
         # Text that happens to contain "</s>" (or any special token) must stay text: only we insert separators.
         self.tokenizer.encode_special_tokens = True
-        self.eos_id, self.dtype = eos_id, np.dtype(dtype)
+        self.eos_id, self.bos_id, self.dtype = eos_id, bos_id, np.dtype(dtype)
         self.split_key, self.val_fraction = split_key, val_fraction
 
     def __call__(self, first_doc: int, texts: list[str]) -> tuple:
@@ -66,6 +68,9 @@ class ChunkTokenizer:
         lens = np.fromiter((len(e) for e in encodings), dtype=np.int64, count=len(encodings))
         n_text = int(lens.sum())
         ids = np.fromiter(chain.from_iterable(e.ids for e in encodings), dtype=self.dtype, count=n_text)
+        if self.bos_id is not None:  # BOS before every document
+            ids = np.insert(ids, np.cumsum(lens) - lens, self.bos_id)
+            lens += 1
         tokens = np.insert(ids, np.cumsum(lens), self.eos_id)  # EOS after every document
         lens += 1
         # Train or validation by a keyed hash of the document's global index: fixed per (seed, document).
@@ -153,8 +158,11 @@ def pack_corpus(out_dir: str | Path, tokenizer: LoadedTokenizer | str | Path, in
                 text_column: str = "text", txt_unit: str = "document", encoding_errors: str = "replace",
                 val_fraction: float = 0.01, seed: int = 1234, num_proc: int | None = None,
                 shard_tokens: int = DEFAULT_SHARD_TOKENS, chunk_chars: int = 1 << 20, overwrite: bool = False,
-                progress: bool = False) -> dict:
+                progress: bool = False, bos: str = "auto") -> dict:
     """Tokenise `inputs` (files, folders, globs; None: the default stdlib corpus) into a packed dataset folder.
+
+    Every document ends with EOS. `bos`: "auto" starts it with BOS where the tokenizer's own template does (Llama,
+    Mistral), "yes" always (the tokenizer must have a BOS token), "no" never.
 
     Returns the manifest. The folder is built as `<out_dir>.partial` and renamed when complete.
     """
@@ -163,11 +171,16 @@ def pack_corpus(out_dir: str | Path, tokenizer: LoadedTokenizer | str | Path, in
     num_proc = num_proc or default_num_proc()
     files = resolve_inputs(inputs) if inputs else default_corpus_files()
     tok = tokenizer if isinstance(tokenizer, LoadedTokenizer) else load_tokenizer(tokenizer)
+    if bos not in ("auto", "yes", "no"):
+        raise DataError(f"bos = {bos!r}: expected auto, yes or no")
+    bos_id = tok.template_bos() if bos == "auto" else tok.token_id("bos") if bos == "yes" else None
+    if bos == "yes" and bos_id is None:
+        raise DataError(f"{tok.source}: --bos yes, but the tokenizer has no BOS token")
     dtype = token_dtype(tok.vocab_size)
     out_dir = Path(out_dir)
     partial = _prepare_output(out_dir, overwrite)
     writers = {split: ShardWriter(partial, split, dtype, shard_tokens) for split in SPLITS}
-    args = (tok.to_json(), tok.eos_id, dtype.str, split_key(seed), val_fraction)
+    args = (tok.to_json(), tok.eos_id, dtype.str, split_key(seed), val_fraction, bos_id)
     stats = {"documents_read": 0, "empty_documents_skipped": 0, "text_tokens": 0}
 
     def consume(result: tuple) -> None:
@@ -214,7 +227,7 @@ def pack_corpus(out_dir: str | Path, tokenizer: LoadedTokenizer | str | Path, in
                       "special_tokens": tok.special_tokens,
                       "special_ids": {role: tok.token_id(role) for role in tok.special_tokens}},
         "options": {"text_column": text_column, "txt_unit": txt_unit, "encoding_errors": encoding_errors,
-                    "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens},
+                    "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens, "bos_id": bos_id},
         "sources": [{"path": str(f), "bytes": f.stat().st_size} for f in files],
         "default_corpus": not inputs,
         "stats": stats,

@@ -38,6 +38,13 @@ class LoadedTokenizer:
     def eos_id(self) -> int:
         return self.token_id("eos")
 
+    def template_bos(self) -> int | None:
+        """The token the tokenizer's own template puts before every text (Llama's and Mistral's BOS), or None
+        (Qwen, SmolLM2, tokenizers we train: no template)."""
+        plain = self.tokenizer.encode("x", add_special_tokens=False).ids
+        full = self.tokenizer.encode("x", add_special_tokens=True).ids
+        return full[0] if len(full) > len(plain) and full[1:len(plain) + 1] == plain else None
+
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)

@@ -101,8 +101,10 @@ def init_partitions(model: torch.nn.Module, rules: dict, seed: int, threads: int
 
 @torch.no_grad()
 def init_from_hf(model: torch.nn.Module, cfg: RunConfig, partitioned: bool) -> None:
-    """Start from a Hugging Face Llama's weights (a resumed run then overwrites them with its checkpoint)."""
-    from llm.export.hf import check_same_shape, load_hf_folder
+    """Start from a transformers folder's weights (Llama, Mistral, Qwen2, Qwen3); a resumed run then overwrites
+    them with its checkpoint."""
+    from llm.export.families import load_hf_folder
+    from llm.export.hf import check_same_shape
 
     hf_cfg, state = load_hf_folder(cfg.train.init_from)
     check_same_shape(cfg.model, hf_cfg, cfg.train.init_from)

@@ -1,7 +1,9 @@
-"""Export a training checkpoint to a `transformers` LlamaForCausalLM folder, verified before it is written.
+"""Export a training checkpoint to a `transformers` folder of its family (LlamaForCausalLM, MistralForCausalLM,
+Qwen2ForCausalLM, Qwen3ForCausalLM: `families.py`), verified before it is written.
 
 The folder is assembled under a temporary name next to OUT_DIR: config.json, model.safetensors (sharded with an
-index above --max-shard-size), the tokenizer, generation_config.json and a model card. It is then loaded back with
+index above --max-shard-size), the tokenizer, generation_config.json and a model card (the tokenizer files and
+generation config of the `train.init_from` model where the run trained with its tokenizer). It is then loaded back with
 `transformers` (safetensors only, no remote code) and compared with our model on sample sequences: logits within
 `LOGITS_TOL` and identical greedy continuations. Only then is it renamed to OUT_DIR; on failure nothing is left.
 """
@@ -17,7 +19,8 @@ import yaml
 
 from llm.checkpoint.staging import staged_folder
 from llm.config import ModelConfig, RunConfig, load_config
-from llm.export.llama import AdapterError, from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict
+from llm.export.families import to_hf_config
+from llm.export.layout import AdapterError, to_hf_state_dict
 from llm.generate import Sampling, generate
 from llm.models import Decoder, build_model
 
@@ -29,33 +32,30 @@ class ExportVerificationError(RuntimeError):
     pass
 
 
-def load_hf_folder(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """A LlamaForCausalLM folder's config and weights in our layout, read from safetensors only."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    hf_cfg = json.loads((folder / "config.json").read_text())
-    cfg = from_hf_config(hf_cfg)
-    index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [
-        "model.safetensors"]
-    state = {}
-    for name in files:
-        if not (folder / name).is_file():
-            raise AdapterError(f"{folder / name}: missing (only safetensors weights are read; *.bin is refused)")
-        state |= load_file(folder / name)
-    return cfg, {k: v.float() for k, v in from_hf_state_dict(state, cfg).items()}
-
-
 def check_same_shape(ours: ModelConfig, theirs: ModelConfig, where: str) -> None:
     """The run's model section must describe the model being loaded (the attention backend may differ)."""
+    same_as = {"d_ff": "ffn_hidden", "n_kv_heads": "kv_heads", "d_head": "head_dim", "family": "export_family"}
     diffs = [f"model.{f.name}: {where} has {getattr(theirs, f.name)!r}, the config {getattr(ours, f.name)!r}"
              for f in dataclasses.fields(ModelConfig)
              if f.name not in ("attention", "init_std", "ffn_multiple_of") and getattr(ours, f.name) !=
-             getattr(theirs, f.name) and not (f.name == "d_ff" and ours.ffn_hidden == theirs.ffn_hidden)
-             and not (f.name == "n_kv_heads" and ours.kv_heads == theirs.kv_heads)]
+             getattr(theirs, f.name) and not (f.name in same_as and getattr(ours, same_as[f.name]) ==
+                                              getattr(theirs, same_as[f.name]))]
     if diffs:
         raise AdapterError(f"{where} does not match the run's model section:\n  " + "\n  ".join(diffs))
+
+
+def _init_source(cfg: RunConfig, data_tokenizer: Path) -> Path | None:
+    """The `train.init_from` folder when the run continued a model whose tokenizer is the one it trained with."""
+    from llm.data.tokenizer import load_tokenizer
+
+    source = Path(cfg.train.init_from) if cfg.train.init_from else None
+    if source is None or not (source / "tokenizer.json").is_file():
+        return None
+    try:
+        same = load_tokenizer(source).sha256 == load_tokenizer(data_tokenizer).sha256
+    except ValueError:  # a tokenizer we cannot read (DataError): keep the data's own
+        return None
+    return source if same else None
 
 
 def _sample_inputs(vocab_size: int, tokenizer, seed: int = 0) -> list[list[int]]:
@@ -99,10 +99,11 @@ def verify(ours: Decoder, folder: Path, tokenizer, eos_id: int | None, new_token
     return report
 
 
-def _model_card(cfg: RunConfig, step_dir: Path, manifest: dict | None, report: dict | None, dtype: str) -> str:
+def _model_card(cfg: RunConfig, family, step_dir: Path, manifest: dict | None, report: dict | None, dtype: str) -> str:
     lines = [f"# {Path(cfg.train.output_dir).name}", "",
-             f"A Llama-architecture causal language model trained with `llm` ({step_dir.name}), exported as "
-             f"`LlamaForCausalLM` in {dtype}.", "",
+             f"A causal language model trained with `llm` ({step_dir.name}), exported as "
+             f"`{family.model_class}` in {dtype}" + (f", continued from `{cfg.train.init_from}`" if cfg.train.init_from
+                                                     else "") + ".", "",
              "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
              "tokenizer = AutoTokenizer.from_pretrained(PATH)", "model = AutoModelForCausalLM.from_pretrained(PATH)",
              "```", ""]
@@ -125,7 +126,8 @@ def _model_card(cfg: RunConfig, step_dir: Path, manifest: dict | None, report: d
 def export(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32", check: bool = True,
            max_shard_size: str = "5GB", overwrite: bool = False) -> dict | None:
     """Export `checkpoint` (a run folder or one checkpoint) to `out_dir`. Returns the verification report."""
-    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+    import transformers
+    from transformers import AutoTokenizer, GenerationConfig
 
     from llm.checkpoint.consolidate import consolidated_state_dict, resolve_checkpoint, tokenizer_folder
 
@@ -141,21 +143,26 @@ def export(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32", che
     # What is written is rounded to `dtype`; compare against our model holding exactly those values.
     model.to(DTYPES[dtype]).float().eval()
     tok_dir = tokenizer_folder(cfg)
+    source = _init_source(cfg, tok_dir)
+    tok_dir = source or tok_dir  # the imported model's own tokenizer files (chat template and all) when the same
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
     if len(tokenizer) > cfg.model.vocab_size:
         raise AdapterError(f"{tok_dir}: the tokenizer has {len(tokenizer)} tokens, the model {cfg.model.vocab_size}")
     ids = {f"{role}_token_id": getattr(tokenizer, f"{role}_token_id") for role in ("bos", "eos", "pad")}
 
     with staged_folder(out_dir) as tmp:
-        hf_cfg = LlamaConfig(**to_hf_config(cfg.model, **ids))
-        hf = LlamaForCausalLM(hf_cfg)
+        family, kwargs = to_hf_config(cfg.model, **ids)
+        hf = getattr(transformers, family.model_class)(getattr(transformers, family.config_class)(**kwargs))
         missing, unexpected = hf.load_state_dict(to_hf_state_dict(model.state_dict(), cfg.model), strict=False)
         if unexpected or missing != (["lm_head.weight"] if cfg.model.tie_embeddings else []):
             raise AdapterError(f"export state dict mismatch: missing {missing}, unexpected {unexpected}")
         hf.tie_weights()
         hf.to(DTYPES[dtype]).save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
-        GenerationConfig(**ids, do_sample=False).save_pretrained(tmp)
+        if source is not None and (source / "generation_config.json").is_file():
+            GenerationConfig.from_pretrained(source).save_pretrained(tmp)  # the imported model's own
+        else:
+            GenerationConfig(**ids, do_sample=False).save_pretrained(tmp)
         manifest_path = Path(cfg.data.datasets[0].path) / "manifest.json"
         manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
         report = verify(model, tmp, tokenizer, ids["eos_token_id"]) if check else None
@@ -165,7 +172,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32", che
                      + ", ".join(f"{n} {d:.2e}" for n, d in s["worst"]) for s in report["sequences"]]
             raise ExportVerificationError("the exported model does not reproduce ours (tolerance "
                                           f"{LOGITS_TOL}); nothing was written:\n" + "\n".join(lines))
-        (tmp / "README.md").write_text(_model_card(cfg, step_dir, manifest, report, dtype))
+        (tmp / "README.md").write_text(_model_card(cfg, family, step_dir, manifest, report, dtype))
         (tmp / "llm_export.json").write_text(json.dumps({"checkpoint": str(step_dir), "dtype": dtype,
                                                          "verification": report}, indent=2))
     return report

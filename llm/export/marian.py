@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from llm.checkpoint.staging import staged_folder
-from llm.export.llama import AdapterError
+from llm.export.layout import AdapterError
 from llm.models.encoder_decoder import EncoderDecoder, TranslationModelConfig
 from llm.translate import DecodeConfig, SpecialIds, encode_sources, greedy_search, max_lengths, pad_batch
 

@@ -1,12 +1,14 @@
 """Llama-style decoder-only Transformer.
 
-Pre-norm blocks (RMSNorm), rotary position embeddings, grouped-query attention on a pluggable backend, SwiGLU
-feed-forward, no biases, optionally tied input/output embeddings.
+Pre-norm blocks (RMSNorm), rotary position embeddings (optionally scaled), grouped-query attention on a pluggable
+backend, SwiGLU feed-forward, optionally tied input/output embeddings. Config fields add what other families have:
+q/k/v biases (`attention_bias`), RMSNorm on each head's queries and keys (`qk_norm`), a head size apart from
+d_model / n_heads (`d_head`); a `sliding_window` bounds the sequence length.
 
 Initialisation (`init_rules`, applied by `init_weights`): embeddings and every linear layer N(0, init_std); the two
 projections that write into the residual stream (attention `wo`, feed-forward `w2`) N(0, init_std / sqrt(2 * n_layers)),
-as GPT-2 and Megatron do, so the residual stream's variance does not grow with depth; norm weights 1. A tied output
-projection is the embedding, initialised once. The values are a function of (seed, parameter name) only, drawn in
+as GPT-2 and Megatron do, so the residual stream's variance does not grow with depth; norm weights 1, biases 0. A tied
+output projection is the embedding, initialised once. The values are a function of (seed, parameter name) only, drawn in
 chunks (`llm.models.init`), so that a partitioned build can initialise each partition alone and get the same weights.
 """
 
@@ -20,7 +22,7 @@ import torch.nn as nn
 from llm.attention import DocumentMask, get_attention
 from llm.config import ModelConfig
 
-from .init import ONES, InitRule, init_deferred, init_parameters, no_init, normal, sized
+from .init import ONES, ZEROS, InitRule, init_deferred, init_parameters, no_init, normal, sized
 from .kv_cache import KVCache
 from .layers import RMSNorm, SwiGLU, apply_rope, rope_rotations
 from .loss import OutputHead
@@ -31,8 +33,12 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         # One fused projection for q, k and v: rows [q (n_heads * hd) | k (n_kv * hd) | v (n_kv * hd)].
-        self.wqkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=False)
+        self.wqkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.attention_bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        if cfg.qk_norm:  # one weight per head dimension, shared by the heads (Qwen3)
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.qk_norm = cfg.qk_norm
         self.attend = get_attention(cfg.attention)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, docs: DocumentMask | None,
@@ -40,8 +46,11 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         hd = self.head_dim
         q, k, v = self.wqkv(x).split([self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1)
-        q = apply_rope(q.view(B, T, self.n_heads, hd), rope)  # (B, T, n_heads, hd)
-        k = apply_rope(k.view(B, T, self.n_kv_heads, hd), rope)  # (B, T, n_kv_heads, hd)
+        q, k = q.view(B, T, self.n_heads, hd), k.view(B, T, self.n_kv_heads, hd)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q, rope)  # (B, T, n_heads, hd)
+        k = apply_rope(k, rope)  # (B, T, n_kv_heads, hd)
         v = v.view(B, T, self.n_kv_heads, hd)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, cached + T, n_kv_heads, hd)
@@ -87,6 +96,8 @@ class Decoder(nn.Module):
                 rules[f"{name}.weight"] = ONES
             elif isinstance(module, (nn.Linear, nn.Embedding)):
                 rules[f"{name}.weight"] = normal(std)
+                if getattr(module, "bias", None) is not None:
+                    rules[f"{name}.bias"] = ZEROS
         for i in range(self.cfg.n_layers):
             rules[f"layers.{i}.attention.wo.weight"] = rules[f"layers.{i}.feed_forward.w2.weight"] = normal(out_std)
         if self.cfg.tie_embeddings:
@@ -112,8 +123,10 @@ class Decoder(nn.Module):
         """
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
-        if start + T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {start + T} exceeds model.max_seq_len = {self.cfg.max_seq_len}")
+        if start + T > self.cfg.context:
+            limit = "max_seq_len" if self.cfg.context == self.cfg.max_seq_len else "sliding_window (attention " \
+                    "beyond the window is not implemented)"
+            raise ValueError(f"sequence length {start + T} exceeds model.{limit} = {self.cfg.context}")
         docs = None
         if position_ids is None:
             position_ids = torch.arange(start, start + T, device=input_ids.device)[None]  # (1, T)
@@ -121,7 +134,8 @@ class Decoder(nn.Module):
             raise ValueError("document boundaries (position_ids) are for training; decoding with a cache takes none")
         else:
             docs = DocumentMask.from_position_ids(position_ids, cu_seqlens, max_seqlen)
-        rope = rope_rotations(self.cfg.head_dim, self.cfg.rope_theta, position_ids)  # (B or 1, T, hd/2) complex
+        # (B or 1, T, head_dim / 2) complex
+        rope = rope_rotations(self.cfg.head_dim, self.cfg.rope_theta, position_ids, self.cfg.rope_scaling)
         x = self.tok_embeddings(input_ids)  # (B, T, d_model)
         for i, block in enumerate(self.layers):
             x = block(x, rope, docs, cache, i)
@@ -132,7 +146,7 @@ class Decoder(nn.Module):
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         p = self.tok_embeddings.weight
-        return KVCache(self.cfg.n_layers, batch, max_len or self.cfg.max_seq_len, self.cfg.kv_heads,
+        return KVCache(self.cfg.n_layers, batch, max_len or self.cfg.context, self.cfg.kv_heads,
                        self.cfg.head_dim, p.dtype, p.device)
 
     # ---- sizing ----------------------------------------------------------------------------------------------

@@ -153,3 +153,63 @@ def test_errors_name_the_problem(tmp_path, tiny_corpus, tiny_tokenizer, capsys):
 def test_bad_options(tmp_path, tiny_corpus, tiny_tokenizer, bad, capsys):
     assert pack("--input", tiny_corpus, "--tokenizer", tiny_tokenizer, "--output", tmp_path / "x", *bad) == 2
     assert bad[0].lstrip("-").replace("-", "_") in capsys.readouterr().err.replace("-", "_")
+
+
+def family_tokenizer(folder, kind: str):
+    """A tokenizer folder shaped like a published model's: a byte-level BPE whose base vocabulary (70,000) is
+    above uint16, and special tokens added after it. `llama3`: <|begin_of_text|> put before every text by the
+    tokenizer's template, <|end_of_text|> as EOS. `qwen`: <|endoftext|> as EOS, no BOS, no template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {c: i for i, c in enumerate(sorted(alphabet))}
+    vocab |= {f"filler{i}": len(vocab) + i for i in range(70_000 - len(vocab))}
+    tok = Tokenizer(models.BPE(vocab, []))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|begin_of_text|>", "<|end_of_text|>"] if kind == "llama3" else ["<|endoftext|>", "<|im_start|>"]
+    tok.add_special_tokens(specials)
+    eos = specials[1] if kind == "llama3" else specials[0]
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos}
+    if kind == "llama3":
+        tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                           special_tokens=[("<|begin_of_text|>", 70_000)])
+        config["bos_token"] = "<|begin_of_text|>"
+    folder.mkdir()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["llama3", "qwen"])
+def test_a_model_family_tokenizer_packs_and_loads(tmp_path, kind):
+    """uint32 shards, the family's EOS (above the base vocabulary) after every document, its BOS before every
+    document exactly where its template puts one; the loader takes a model vocabulary larger than the tokenizer's
+    (embeddings with room for more special tokens) and refuses a smaller one, naming both."""
+    from llm.config import DataConfig, DatasetEntry
+    from llm.data.errors import DataError
+    from llm.data.loader import build_train_loader
+
+    folder = family_tokenizer(tmp_path / "tok", kind)
+    corpus = write_jsonl(tmp_path / "c.jsonl", [f"document {i}: " + "some text here " * (i % 7 + 1) for i in range(60)])
+    assert pack("--input", corpus, "--tokenizer", folder, "--output", tmp_path / "ds", "--val-fraction", 0.1) == 0
+    manifest = json.loads((tmp_path / "ds" / MANIFEST).read_text())
+    eos, bos = (70_001, 70_000) if kind == "llama3" else (70_000, None)
+    assert manifest["dtype"] == "uint32" and manifest["tokenizer"]["vocab_size"] == 70_002
+    assert manifest["options"]["bos_id"] == bos
+    split = PackedSplit(tmp_path / "ds", "train")
+    for k in range(split.num_docs):
+        ids = split.document(k).tolist()
+        assert ids[-1] == eos and eos not in ids[:-1]
+        if bos is not None:
+            assert ids[0] == bos and bos not in ids[1:]
+        else:
+            assert ids[0] < 70_000  # text, no special token first
+    data = DataConfig(datasets=[DatasetEntry(path=str(tmp_path / "ds"))], seq_len=32)
+    loader = iter(build_train_loader(data, 4, vocab_size=70_016))
+    assert max(int(next(loader)["input_ids"].max()) for _ in range(4)) > 65_535  # special ids reach the model
+    with pytest.raises(DataError, match="tokenizer vocab_size is 70002, larger than the model's vocab_size = 70000"):
+        build_train_loader(data, 4, vocab_size=70_000)
+    if kind == "llama3":  # and it can be turned off
+        assert pack("--input", corpus, "--tokenizer", folder, "--output", tmp_path / "nobos", "--bos", "no") == 0
+        assert PackedSplit(tmp_path / "nobos", "train").document(0).tolist()[0] != 70_000

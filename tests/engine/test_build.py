@@ -23,15 +23,18 @@ from tests.helpers import ROOT, _free_port, env, losses, run_train, write_config
 PROBE_CHUNK = 1000  # small init chunks, so that partitions start and end inside chunks
 LM = {"vocab_size": 250, "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 96, "max_seq_len": 64,
       "tie_embeddings": False}
+# The other families' parameters partition and initialise too: q/k/v biases (zeros), q/k norms (ones).
+LM_FEATURES = LM | {"attention_bias": True, "qk_norm": True}
+QWEN3 = LM | {"qk_norm": True, "d_head": 24}  # the transformers folder train.init_from imports
 MT = {"vocab_size": 300, "d_model": 64, "n_encoder_layers": 1, "n_decoder_layers": 1, "n_heads": 4, "d_ff": 128,
       "max_seq_len": 64}
 
 
-def probe_config(tmp: Path, name: str, task: str = "lm", **train) -> Path:
+def probe_config(tmp: Path, name: str, task: str = "lm", model: dict = LM_FEATURES, **train) -> Path:
     """A run config that is only ever built, never trained: its data paths are not read."""
     data = {"path": str(tmp / "unused")} if task == "translation" else {
         "datasets": [{"path": str(tmp / "unused")}], "seq_len": 32}
-    cfg = {"task": task, "model": MT if task == "translation" else LM, "data": data,
+    cfg = {"task": task, "model": MT if task == "translation" else model, "data": data,
            "train": {"output_dir": str(tmp / name), "zero_stage": 3, "seed": 1234, "micro_batch_size": 1, **train}}
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -61,17 +64,19 @@ def plain_build(config: Path) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory) -> tuple[Path, dict]:
-    """A transformers Llama folder of the LM shape, and our state dict of the same weights."""
+    """A transformers Qwen3 folder, and our state dict of the same weights."""
+    import transformers
     from safetensors.torch import save_file
-    from transformers import LlamaConfig
 
     from llm.config import ModelConfig
-    from llm.export.llama import to_hf_config, to_hf_state_dict
+    from llm.export.families import to_hf_config
+    from llm.export.layout import to_hf_state_dict
     from llm.models import build_model
 
     folder = tmp_path_factory.mktemp("hf")
-    model = build_model(ModelConfig(**LM), seed=99)
-    LlamaConfig(**to_hf_config(model.cfg)).save_pretrained(folder)
+    model = build_model(ModelConfig(**QWEN3), seed=99)
+    family, kwargs = to_hf_config(model.cfg)
+    getattr(transformers, family.config_class)(**kwargs).save_pretrained(folder)
     hf = to_hf_state_dict(model.state_dict(), model.cfg)
     save_file({k: v.contiguous() for k, v in hf.items()}, folder / "model.safetensors")
     return folder, dict(model.named_parameters())
@@ -81,7 +86,7 @@ def hf_folder(tmp_path_factory) -> tuple[Path, dict]:
 def test_zero3_build_is_partitioned_and_equals_the_plain_build(tmp_path, hf_folder, monkeypatch, processes):
     folder, hf_params = hf_folder
     configs = [probe_config(tmp_path, "lm"), probe_config(tmp_path, "mt", task="translation"),
-               probe_config(tmp_path, "init_from", init_from=str(folder))]
+               probe_config(tmp_path, "init_from", model=QWEN3, init_from=str(folder))]
     run_probe(tmp_path / "out", configs, processes)
 
     from safetensors.torch import load_file

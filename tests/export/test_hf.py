@@ -1,15 +1,21 @@
 """Export of real two-process checkpoints, loaded back with transformers; verification that cannot pass wrongly."""
 
+import dataclasses
 import json
 import subprocess
 import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, pipeline
 
-from llm.export import llama as adapter
+from llm.export import layout as adapter
+from llm.export.families import load_hf_folder
 from llm.export.hf import ExportVerificationError, export
+from llm.generate import load_model
+from tests.export.hf_models import FAMILIES as FAMILY_CASES
+from tests.export.hf_models import random_model, save_folder
 from tests.helpers import ROOT, env, losses, run_train, write_config
 
 PROMPT = "from email import"
@@ -95,3 +101,41 @@ def test_continue_pretraining_from_an_export(trained, packed_data, tmp_path):
     assert first < scratch - 1.0  # starts where the exported model was, not from scratch
     bad = run_train(config, 1, ["model.tie_embeddings=false", "model.n_layers=2"])
     assert bad.returncode == 1 and "model.n_layers: " in bad.stderr
+
+
+# ---- continued pretraining of each family: import -> 20 steps on two processes (ZeRO-2) -> export ----------------
+
+
+@pytest.mark.parametrize("family", list(FAMILY_CASES))
+def test_continue_pretraining_each_family_and_export_it_as_its_own_class(family, packed_data, tmp_path):
+    from safetensors.torch import load_file
+
+    source = save_folder(random_model(family), tmp_path / "source", tokenizer_dir=packed_data)
+    GenerationConfig(do_sample=True, temperature=0.7, eos_token_id=2).save_pretrained(source)  # the model's own
+    config = write_config(tmp_path, packed_data, zero_stage=2, steps=20, init_from=str(source), save_every=0)
+    data = yaml.safe_load(config.read_text())
+    data["model"] = dataclasses.asdict(load_hf_folder(source)[0])  # the family's config, as a model section
+    config.write_text(yaml.safe_dump(data))
+    result = run_train(config, 2, ["optim.lr=1e-4"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"initialised from {source}" in result.stdout
+
+    out = tmp_path / "hf"
+    report = export(tmp_path / "run", out)
+    assert report["ok"] and all(s["greedy_equal"] for s in report["sequences"])
+    hf = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True, dtype=torch.float32).eval()
+    assert type(hf).__name__ == FAMILY_CASES[family][1] and hf.config.model_type == family
+    assert GenerationConfig.from_pretrained(out).temperature == 0.7  # the source's, as it trained with its tokenizer
+    ours, _ = load_model(tmp_path / "run")
+    reloaded, tokenizer = load_model(out)  # what `llm generate EXPORT` runs
+    assert reloaded.cfg.family == family and len(tokenizer) == 512
+    x = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (ours(x) - hf(x).logits).abs().max().item() <= 1e-5
+        assert (reloaded(x) - hf(x).logits).abs().max().item() <= 1e-5
+    # Continued from the source, not from scratch: every tensor moved, and by little (an independent random
+    # initialisation is ~1.4 times the source's norm away).
+    before, after = load_file(source / "model.safetensors"), hf.state_dict()
+    for key, value in before.items():
+        moved = (after[key] - value).norm() / value.norm()
+        assert 0 < moved < 0.2, (key, moved.item())

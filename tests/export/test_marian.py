@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from llm.export import marian
-from llm.export.llama import AdapterError
+from llm.export.layout import AdapterError
 from llm.models.encoder_decoder import build_translation_model, translation_preset
 from llm.translate import DecodeConfig, SpecialIds, translate
 from tests.test_translate import as_text, random_sequences, reversal_tokenizer, trained_reverser

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from llm.config import RopeScaling
 from llm.models import build_model
 from tests.conftest import devices
 
@@ -106,3 +107,60 @@ def test_backward_runs_with_document_mask(tiny_cfg):
     pos = torch.cat([torch.arange(6), torch.arange(10)])[None].repeat(2, 1)
     model(x, position_ids=pos).logsumexp(-1).mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+# ---- features of other families: q/k/v biases, q/k norms, a decoupled head size, RoPE scaling, a window ----
+
+FEATURES = {
+    "bias+yarn": dict(attention_bias=True, rope_scaling=RopeScaling("yarn", 4.0, 32)),
+    "qk_norm+d_head": dict(qk_norm=True, d_head=32, rope_scaling=RopeScaling("llama3", 8.0, 32)),
+    "linear": dict(rope_scaling=RopeScaling("linear", 2.0), d_head=8),
+}
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("features", FEATURES)
+def test_family_features_run_on_every_backend(tiny_cfg, device, features):
+    """Each backend that runs here against eager, plain and with packed documents, forward and backward."""
+    from tests.attention.cases import TOL, half, runnable
+
+    cfg = dataclasses.replace(tiny_cfg, **FEATURES[features])
+    dtype = half(device)
+    x = torch.randint(0, cfg.vocab_size, (2, 48), device=device)
+    position_ids = torch.cat([torch.arange(n) for n in (10, 25, 13)])[None].expand(2, -1).to(device)
+    for backend in runnable(device):
+        for pos in (None, position_ids):
+            outs = []
+            for attention in ("eager", backend):
+                model = model_for(cfg, attention, device, dtype, seed=5)
+                logits = model(x, position_ids=pos)
+                logits.float().square().mean().backward()
+                outs.append((logits.float(), model.layers[0].attention.wqkv.weight.grad.float()))
+            (ref, ref_grad), (out, grad) = outs
+            tol, grad_tol = TOL[dtype]
+            assert (out - ref).abs().max() <= tol * max(1.0, ref.abs().max()), (backend, pos is not None)
+            assert (grad - ref_grad).abs().max() <= grad_tol * max(1.0, ref_grad.abs().max()), backend
+
+
+def test_family_features_have_parameters_and_initialisation(tiny_cfg):
+    model = build_model(dataclasses.replace(tiny_cfg, attention_bias=True, qk_norm=True, d_head=24))
+    attn = model.layers[0].attention
+    assert attn.wqkv.weight.shape == ((4 + 2 * 2) * 24, 64) and attn.wo.weight.shape == (64, 4 * 24)
+    assert torch.equal(attn.wqkv.bias, torch.zeros(8 * 24)) and attn.wo.bias is None
+    assert torch.equal(attn.q_norm.weight, torch.ones(24)) and torch.equal(attn.k_norm.weight, torch.ones(24))
+
+
+def test_sliding_window_runs_up_to_the_window_and_refuses_beyond(tiny_cfg, tmp_path):
+    from llm.config import ConfigError, load_config
+
+    windowed = model_for(dataclasses.replace(tiny_cfg, sliding_window=32), "sdpa")
+    full = model_for(tiny_cfg, "sdpa")
+    x = torch.randint(0, tiny_cfg.vocab_size, (1, 33))
+    with torch.no_grad():
+        assert torch.equal(windowed(x[:, :32]), full(x[:, :32]))  # within the window, attention is full
+        with pytest.raises(ValueError, match=r"sequence length 33 exceeds model.sliding_window .* = 32"):
+            windowed(x)
+    (tmp_path / "run.yaml").write_text("model: {vocab_size: 97, d_model: 64, n_layers: 1, n_heads: 4, "
+                                       "sliding_window: 32, max_seq_len: 128}\ndata: {seq_len: 64}\n")
+    with pytest.raises(ConfigError, match=r"data.seq_len = 64: exceeds model.sliding_window = 32"):
+        load_config(tmp_path / "run.yaml")

@@ -1,4 +1,5 @@
-"""Parity with `transformers`' LlamaForCausalLM through the state-dict adapter, both ways."""
+"""Parity with `transformers` through the shared state-dict layout, both ways; permutations that cannot pass
+wrongly (Llama here; every family in test_families.py)."""
 
 import dataclasses
 
@@ -7,8 +8,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from llm.config import ModelConfig
-from llm.export import llama as adapter
-from llm.export.llama import AdapterError, from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict
+from llm.export import layout as adapter
+from llm.export.families import from_hf_config, to_hf_config
+from llm.export.layout import AdapterError, from_hf_state_dict, to_hf_state_dict
 from llm.models import build_model
 
 TOL = 1e-5
@@ -23,7 +25,7 @@ def make_cfg(tied: bool, n_kv_heads: int = 2) -> ModelConfig:
 def random_hf(cfg: ModelConfig, seed: int = 0) -> LlamaForCausalLM:
     """A randomly initialised HF Llama. A large init std makes attention sharp, so that RoPE mistakes show."""
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**to_hf_config(cfg), attn_implementation="eager")).eval()
+    model = LlamaForCausalLM(LlamaConfig(**to_hf_config(cfg)[1], attn_implementation="eager")).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:  # norms start at 1; perturb them so a swapped norm would show too
@@ -55,7 +57,7 @@ def test_ours_to_hf_same_logits_and_weights_round_trip(tied):
     cfg = make_cfg(tied)
     torch.manual_seed(3)
     ours = build_model(cfg).eval()
-    hf = LlamaForCausalLM(LlamaConfig(**to_hf_config(cfg), attn_implementation="eager")).eval()
+    hf = LlamaForCausalLM(LlamaConfig(**to_hf_config(cfg)[1], attn_implementation="eager")).eval()
     exported = to_hf_state_dict(ours.state_dict(), cfg)
     missing, unexpected = hf.load_state_dict(exported, strict=False)
     assert unexpected == [] and missing == (["lm_head.weight"] if tied else [])  # tied: HF re-ties it
@@ -94,8 +96,8 @@ def test_one_wrongly_permuted_weight_breaks_parity():
 
 def test_config_round_trip():
     cfg = make_cfg(tied=True)
-    hf_cfg = LlamaConfig(**to_hf_config(cfg, bos_token_id=1, eos_token_id=2))
-    assert from_hf_config(hf_cfg.to_dict()) == dataclasses.replace(cfg, attention="auto")
+    hf_cfg = LlamaConfig(**to_hf_config(cfg, bos_token_id=1, eos_token_id=2)[1])
+    assert from_hf_config(hf_cfg.to_dict()) == dataclasses.replace(cfg, attention="auto", family="llama")
     assert hf_cfg.rope_parameters["rope_theta"] == 500000.0 and hf_cfg.num_key_value_heads == 2
 
 
@@ -108,7 +110,3 @@ def test_mismatches_are_errors_not_skipped():
         from_hf_state_dict(sd | {"extra": torch.zeros(1)}, cfg)
     with pytest.raises(AdapterError, match=r"k_proj.weight: shape \(32, 128\), the config needs \(64, 128\)"):
         from_hf_state_dict(sd, dataclasses.replace(cfg, n_kv_heads=4))
-    with pytest.raises(AdapterError, match="RoPE scaling 'llama3' is not supported"):
-        from_hf_config(LlamaConfig(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
-                                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                                    "original_max_position_embeddings": 8192}).to_dict())
