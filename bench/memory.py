@@ -18,6 +18,14 @@ too, for reference: the whole model built on every rank, then handed to ZeRO-3's
 inputs and the weight are allocated, and its time; the median over `--repeats` rounds that alternate the order.
 
     python bench/memory.py head                     # the 1b head; --chunk-bytes to try another chunk size
+
+`import`: the host memory of `train.init_from` (ZeRO-0/1/2: the whole model on the process) for a random model of
+`--preset` (default qwen2.5-0.5b) saved as a transformers folder in bf16: `llm`'s loader (one parameter read and
+converted at a time into the built model) against reading the whole state dict first and then loading it (what the
+loader did before), and `transformers`' own `AutoModelForCausalLM.from_pretrained` in fp32 for reference. Each in a
+fresh process: its peak RSS above the baseline after imports, and its time.
+
+    python bench/memory.py import --preset qwen2.5-0.5b
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import socket
 import statistics
 import subprocess
@@ -111,6 +120,71 @@ def head_worker(args: argparse.Namespace) -> None:
                       "chunk": chunk, "threads": torch.get_num_threads()}))
 
 
+def import_worker(args: argparse.Namespace) -> None:
+    """Load the folder one way in this fresh process; print the peak above the post-import baseline."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llm.export.families import load_hf_folder, open_hf_folder
+    from llm.models import build_model
+    from llm.models.init import no_init
+
+    baseline, start = current_bytes(), time.perf_counter()
+    with torch.no_grad():
+        if args.import_worker == "transformers":
+            AutoModelForCausalLM.from_pretrained(args.folder, dtype=torch.float32)
+        else:
+            cfg, readers = open_hf_folder(args.folder)
+            with no_init():
+                model = build_model(cfg)
+            if args.import_worker == "llm":
+                for name, p in model.named_parameters():
+                    p.copy_(readers[name]())
+            else:
+                model.load_state_dict(load_hf_folder(args.folder)[1])
+    print(json.dumps({"peak": peak_bytes() - baseline, "seconds": time.perf_counter() - start}))
+
+
+def run_import(args: argparse.Namespace) -> None:
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    from llm.config import load_model_config
+    from llm.export.families import to_hf_config
+    from llm.export.layout import to_hf_state_dict
+    from llm.models import build_model
+
+    folder = Path(tempfile.mkdtemp(prefix="bench-import-"))
+    cfg = load_model_config(args.preset)
+    model = build_model(cfg, seed=0)
+    params = model.num_params()
+    family, kwargs = to_hf_config(cfg)
+    getattr(transformers, family.config_class)(**kwargs).save_pretrained(folder)
+    save_file({k: v.to(torch.bfloat16) for k, v in to_hf_state_dict(model.state_dict(), cfg).items()},
+              folder / "model.safetensors")
+    del model
+    runs = {"llm": [], "whole state dict": [], "transformers": []}
+    for r in range(args.repeats):
+        for how in list(runs) if r % 2 == 0 else list(runs)[::-1]:
+            result = subprocess.run([sys.executable, str(Path(__file__).resolve()), "import", "--folder", str(folder),
+                                     "--import-worker", how.split()[0]], cwd=ROOT, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise SystemExit(f"import {how} failed:\n{result.stderr[-4000:]}")
+            runs[how].append(json.loads(result.stdout.strip().splitlines()[-1]))
+    fp32 = 4 * params
+    print(f"train.init_from of {args.preset} ({params:,} parameters, {fp32 / GB:.2f} GB in fp32) from a "
+          f"{family.model_class} folder in bf16; peak RSS above the post-import baseline (worst of {args.repeats} "
+          "fresh processes), median time")
+    print(f"{'loader':<18}{'peak GB':>9}{'x fp32 model':>14}{'time s':>8}")
+    for how, v in runs.items():
+        peak = max(x["peak"] for x in v)
+        print(f"{how:<18}{peak / GB:>9.2f}{peak / fp32:>14.2f}{statistics.median(x['seconds'] for x in v):>8.1f}")
+    ours, whole = (max(x["peak"] for x in runs[k]) for k in ("llm", "whole state dict"))
+    print(f"llm / whole state dict: peak {ours / whole:.2f}x")
+    shutil.rmtree(folder)
+
+
 def cpu_seconds() -> float:
     """User + system CPU time of this process, all threads: less sensitive than wall time to other jobs."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -186,8 +260,8 @@ def run_case(config: Path, processes: int, unpartitioned: bool, workdir: Path) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", nargs="?", choices=["build", "head"], default="build")
-    parser.add_argument("--preset", default="350m")
+    parser.add_argument("mode", nargs="?", choices=["build", "head", "import"], default="build")
+    parser.add_argument("--preset", default=None, help="build: default 350m; import: default qwen2.5-0.5b")
     parser.add_argument("--zero-config", help="a ZeRO-3 JSON instead of configs/deepspeed/zero3.json")
     parser.add_argument("--unpartitioned", action="store_true", help="also measure the unpartitioned build")
     parser.add_argument("--tokens", type=int, default=2 * 2048, help="head: tokens (micro-batch x seq_len)")
@@ -196,6 +270,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="head: rounds (a fresh process per variant each)")
     parser.add_argument("--chunk-bytes", type=int, default=None, help="head: fp32 logits per chunk (bytes)")
     parser.add_argument("--head-worker", choices=["unfused", "chunked"], help=argparse.SUPPRESS)
+    parser.add_argument("--import-worker", choices=["llm", "whole", "transformers"], help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -210,6 +286,11 @@ def main() -> None:
         else:
             run_head(args)
         return
+    if args.mode == "import":
+        args.preset = args.preset or "qwen2.5-0.5b"
+        import_worker(args) if args.import_worker else run_import(args)
+        return
+    args.preset = args.preset or "350m"
     if args.worker:
         worker(args)
         # Measured and written. Skip the interpreter's teardown, where a thread still alive now and then aborts a

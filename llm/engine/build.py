@@ -13,9 +13,9 @@ ZeRO-2 build starts from (the seed is `train.seed`).
 A partition is the flattened parameter's elements [rank * size, (rank + 1) * size) with size = ceil(numel / N); the
 last rank's partition runs past the end, and that padding is set to zero.
 
-`train.init_from` loads a Hugging Face folder instead of initialising: whole tensors, or under ZeRO-3 each rank
-copies its partition's slice. The loader reads the whole state dict on every rank, so for that one moment a rank
-does hold the whole model (in fp32) in host memory, partitioned build or not.
+`train.init_from` loads a transformers folder instead of initialising, one parameter at a time from the memory-mapped
+safetensors: whole tensors, or under ZeRO-3 each rank copies its partition's slice. Beyond its own part of the
+model, a rank holds one whole parameter in fp32 at a time (the embedding, at most), never the whole model.
 """
 
 from __future__ import annotations
@@ -102,23 +102,29 @@ def init_partitions(model: torch.nn.Module, rules: dict, seed: int, threads: int
 @torch.no_grad()
 def init_from_hf(model: torch.nn.Module, cfg: RunConfig, partitioned: bool) -> None:
     """Start from a transformers folder's weights (Llama, Mistral, Qwen2, Qwen3); a resumed run then overwrites
-    them with its checkpoint."""
-    from llm.export.families import load_hf_folder
+    them with its checkpoint. Read and converted one parameter at a time: besides the model (or under ZeRO-3 this
+    rank's partitions), a process holds one whole parameter in fp32 at a time."""
+    from llm.export.families import open_hf_folder
     from llm.export.hf import check_same_shape
 
-    hf_cfg, state = load_hf_folder(cfg.train.init_from)
+    hf_cfg, readers = open_hf_folder(cfg.train.init_from)
     check_same_shape(cfg.model, hf_cfg, cfg.train.init_from)
-    if not partitioned:
-        model.load_state_dict(state, strict=True)
-    else:
-        expected = set(model.state_dict(keep_vars=True))  # every name, a tied parameter under each of its names
-        if set(state) != expected:
-            raise RuntimeError(f"{cfg.train.init_from}: weights do not match the model: missing "
-                               f"{sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]}")
+    expected = set(model.state_dict(keep_vars=True))  # every name, a tied parameter under each of its names
+    if set(readers) != expected:
+        raise RuntimeError(f"{cfg.train.init_from}: weights do not match the model: missing "
+                           f"{sorted(expected - set(readers))[:5]}, unexpected {sorted(set(readers) - expected)[:5]}")
+    if partitioned:
         for name, p, start, part in _partitions(model):
-            if tuple(state[name].shape) != tuple(p.ds_shape):
-                raise RuntimeError(f"{name}: shape {tuple(state[name].shape)} in {cfg.train.init_from}, "
+            whole = readers[name]()
+            if tuple(whole.shape) != tuple(p.ds_shape):
+                raise RuntimeError(f"{name}: shape {tuple(whole.shape)} in {cfg.train.init_from}, "
                                    f"the model has {tuple(p.ds_shape)}")
-            part.copy_(state[name].reshape(-1)[start:start + part.numel()])
-    del state
+            part.copy_(whole.reshape(-1)[start:start + part.numel()])
+    else:
+        for name, p in model.named_parameters():  # a tied output is the embedding: named once
+            whole = readers[name]()
+            if whole.shape != p.shape:
+                raise RuntimeError(f"{name}: shape {tuple(whole.shape)} in {cfg.train.init_from}, "
+                                   f"the model has {tuple(p.shape)}")
+            p.copy_(whole)
     print0(f"initialised from {cfg.train.init_from}")

@@ -6,19 +6,21 @@ features a family can express (Qwen2 always has q/k/v biases, Qwen3 always has q
 plain sliding window) and how it spells them. `from_hf_config` reads a family's config.json into our
 `ModelConfig` (features as fields) and refuses, naming the field, anything the decoder does not implement (MoE,
 other architectures, partial rotary, sliding-window layers, biases on the output projection, ...);
-`to_hf_config` writes the family's config for an export. `load_hf_folder` reads a folder's config and weights.
+`to_hf_config` writes the family's config for an export. `open_hf_folder` reads a folder's config and gives its
+weights one parameter at a time; `load_hf_folder` all at once.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 
 from llm.config import ModelConfig, RopeScaling
 
-from .layout import AdapterError, from_hf_state_dict
+from .layout import AdapterError, check_hf_shapes, hf_recipe
 
 ROPE_FIELDS = {"llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
                "linear": ("factor",),
@@ -204,10 +206,38 @@ def to_hf_config(cfg: ModelConfig, **token_ids: int | None) -> tuple[Family, dic
         **family.write(cfg), **token_ids)
 
 
-def load_hf_folder(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """A family's folder: its config and weights in our layout (fp32), read from safetensors only."""
-    from safetensors.torch import load_file
+class HFWeights(Mapping):
+    """A folder's safetensors weights by key, read one tensor at a time on access (memory-mapped files)."""
 
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        index = folder / "model.safetensors.index.json"
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [
+            "model.safetensors"]
+        self.files, self.where = {}, {}
+        for name in files:
+            if not (folder / name).is_file():
+                raise AdapterError(f"{folder / name}: missing (only safetensors weights are read; *.bin is refused)")
+            handle = self.files[name] = safe_open(str(folder / name), framework="pt")
+            self.where |= dict.fromkeys(handle.keys(), name)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.files[self.where[key]].get_tensor(key)
+
+    def __iter__(self):
+        return iter(self.where)
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(self.files[f].get_slice(k).get_shape()) for k, f in self.where.items()}
+
+
+def open_hf_folder(folder: str | Path) -> tuple[ModelConfig, dict[str, Callable[[], torch.Tensor]]]:
+    """A family's folder: its config, and each of our parameters as a function that reads and converts it (fp32),
+    one at a time. Keys and shapes are checked against the config first."""
     folder = Path(folder)
     config = folder / "config.json"
     if not config.is_file():
@@ -216,12 +246,26 @@ def load_hf_folder(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.Ten
         cfg = from_hf_config(json.loads(config.read_text()))
     except AdapterError as e:
         raise AdapterError(f"{config}: {e}") from None
-    index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [
-        "model.safetensors"]
-    state = {}
-    for name in files:
-        if not (folder / name).is_file():
-            raise AdapterError(f"{folder / name}: missing (only safetensors weights are read; *.bin is refused)")
-        state |= load_file(folder / name)
-    return cfg, {k: v.float() for k, v in from_hf_state_dict(state, cfg).items()}
+    weights = HFWeights(folder)
+    try:
+        check_hf_shapes(weights.shapes(), cfg)
+    except AdapterError as e:
+        raise AdapterError(f"{folder}: {e}") from None
+    if cfg.tie_embeddings and "lm_head.weight" in weights and not torch.equal(weights["lm_head.weight"],
+                                                                              weights["model.embed_tokens.weight"]):
+        raise AdapterError(f"{config}: tie_word_embeddings is true but lm_head.weight differs from "
+                           "model.embed_tokens.weight")
+
+    def reader(keys, fn):
+        return lambda: fn(*(weights[k] for k in keys)).float()
+
+    return cfg, {name: reader(keys, fn) for name, (keys, fn) in hf_recipe(cfg).items()}
+
+
+def load_hf_folder(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """A family's folder: its config and all weights in our layout (fp32), read from safetensors only."""
+    cfg, readers = open_hf_folder(folder)
+    state = {name: read() for name, read in readers.items() if name != "output.weight" or not cfg.tie_embeddings}
+    if cfg.tie_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    return cfg, state

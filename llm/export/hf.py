@@ -19,7 +19,7 @@ import yaml
 
 from llm.checkpoint.staging import staged_folder
 from llm.config import ModelConfig, RunConfig, load_config
-from llm.export.families import to_hf_config
+from llm.export.families import Family, to_hf_config
 from llm.export.layout import AdapterError, to_hf_state_dict
 from llm.generate import Sampling, generate
 from llm.models import Decoder, build_model
@@ -99,7 +99,8 @@ def verify(ours: Decoder, folder: Path, tokenizer, eos_id: int | None, new_token
     return report
 
 
-def _model_card(cfg: RunConfig, family, step_dir: Path, manifest: dict | None, report: dict | None, dtype: str) -> str:
+def _model_card(cfg: RunConfig, family: Family, step_dir: Path, manifest: dict | None, report: dict | None,
+                dtype: str) -> str:
     lines = [f"# {Path(cfg.train.output_dir).name}", "",
              f"A causal language model trained with `llm` ({step_dir.name}), exported as "
              f"`{family.model_class}` in {dtype}" + (f", continued from `{cfg.train.init_from}`" if cfg.train.init_from

@@ -16,6 +16,8 @@ Missing or unexpected keys and mismatched shapes are errors, never skipped.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 import torch
 
 from llm.config import ModelConfig
@@ -95,43 +97,68 @@ def to_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """An HF-layout state dict -> our Decoder state dict, checking every key and shape against `cfg`."""
-    hf = dict(hf)
-    if cfg.tie_embeddings and "lm_head.weight" in hf:
-        lm_head = hf.pop("lm_head.weight")
-        if not torch.equal(lm_head, hf.get("model.embed_tokens.weight", lm_head)):
-            raise AdapterError("tie_embeddings is set but lm_head.weight differs from model.embed_tokens.weight")
-    shapes = _hf_shapes(cfg)
-    missing = [k for k in shapes if k not in hf]
-    unexpected = sorted(set(hf) - set(shapes))
+def check_hf_shapes(shapes: Mapping[str, tuple[int, ...]], cfg: ModelConfig) -> None:
+    """Every key a model of `cfg` needs is there with its shape, and nothing else (a tied `lm_head.weight` may be)."""
+    expected = _hf_shapes(cfg)
+    extra = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    missing = [k for k in expected if k not in shapes]
+    unexpected = sorted(set(shapes) - set(expected) - extra)
     if missing or unexpected:
         raise AdapterError(f"state dict does not match the config: missing {missing[:5]}"
                            f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
                            f"{' ...' if len(unexpected) > 5 else ''}")
-    for key, shape in shapes.items():
-        if tuple(hf[key].shape) != shape:
-            raise AdapterError(f"{key}: shape {tuple(hf[key].shape)}, the config needs {shape}")
+    for key, shape in expected.items():
+        if tuple(shapes[key]) != shape:
+            raise AdapterError(f"{key}: shape {tuple(shapes[key])}, the config needs {shape}")
 
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def hf_recipe(cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], Callable[..., torch.Tensor]]]:
+    """How each of our parameters is made from HF tensors: our name -> (the HF keys it reads, a function of them).
+
+    One parameter at a time, so that a loader can read and convert tensor by tensor (`train.init_from` of a large
+    model holds one converted parameter at a time, not a second copy of the model)."""
     hd, H, Hkv = cfg.head_dim, cfg.n_heads, cfg.kv_heads
-    out = {"tok_embeddings.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"]}
+
+    def qkv(q, k, v):
+        return torch.cat([half_to_interleaved(q, H, hd), half_to_interleaved(k, Hkv, hd), v])
+
+    def qkv_bias(q, k, v):
+        return torch.cat([_rows(half_to_interleaved, q, H, hd), _rows(half_to_interleaved, k, Hkv, hd), v])
+
+    def head_norm(w):
+        return _rows(half_to_interleaved, w, 1, hd)
+
+    def cat(*parts):
+        return torch.cat(parts)
+
+    out = {"tok_embeddings.weight": (("model.embed_tokens.weight",), _same),
+           "norm.weight": (("model.norm.weight",), _same),
+           "output.weight": (("model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight",), _same)}
     for i in range(cfg.n_layers):
-        src, dst = f"model.layers.{i}.self_attn.", f"layers.{i}."
-        q = half_to_interleaved(hf[src + "q_proj.weight"], H, hd)
-        k = half_to_interleaved(hf[src + "k_proj.weight"], Hkv, hd)
-        out[dst + "attention.wqkv.weight"] = torch.cat([q, k, hf[src + "v_proj.weight"]], dim=0)
+        src, dst = f"model.layers.{i}.", f"layers.{i}."
+        attn = src + "self_attn."
+        out[dst + "attention.wqkv.weight"] = (tuple(attn + f"{n}_proj.weight" for n in "qkv"), qkv)
         if cfg.attention_bias:
-            out[dst + "attention.wqkv.bias"] = torch.cat([_rows(half_to_interleaved, hf[src + "q_proj.bias"], H, hd),
-                                                          _rows(half_to_interleaved, hf[src + "k_proj.bias"], Hkv, hd),
-                                                          hf[src + "v_proj.bias"]])
+            out[dst + "attention.wqkv.bias"] = (tuple(attn + f"{n}_proj.bias" for n in "qkv"), qkv_bias)
         if cfg.qk_norm:
-            out[dst + "attention.q_norm.weight"] = _rows(half_to_interleaved, hf[src + "q_norm.weight"], 1, hd)
-            out[dst + "attention.k_norm.weight"] = _rows(half_to_interleaved, hf[src + "k_norm.weight"], 1, hd)
-        out[dst + "attention.wo.weight"] = hf[src + "o_proj.weight"]
-        mlp = f"model.layers.{i}.mlp."
-        out[dst + "feed_forward.w13.weight"] = torch.cat([hf[mlp + "gate_proj.weight"], hf[mlp + "up_proj.weight"]])
-        out[dst + "feed_forward.w2.weight"] = hf[mlp + "down_proj.weight"]
-        out[dst + "attention_norm.weight"] = hf[f"model.layers.{i}.input_layernorm.weight"]
-        out[dst + "ffn_norm.weight"] = hf[f"model.layers.{i}.post_attention_layernorm.weight"]
-    out["output.weight"] = out["tok_embeddings.weight"] if cfg.tie_embeddings else hf["lm_head.weight"]
+            for n in "qk":
+                out[dst + f"attention.{n}_norm.weight"] = ((attn + f"{n}_norm.weight",), head_norm)
+        out[dst + "attention.wo.weight"] = ((attn + "o_proj.weight",), _same)
+        out[dst + "feed_forward.w13.weight"] = ((src + "mlp.gate_proj.weight", src + "mlp.up_proj.weight"), cat)
+        out[dst + "feed_forward.w2.weight"] = ((src + "mlp.down_proj.weight",), _same)
+        out[dst + "attention_norm.weight"] = ((src + "input_layernorm.weight",), _same)
+        out[dst + "ffn_norm.weight"] = ((src + "post_attention_layernorm.weight",), _same)
     return out
+
+
+def from_hf_state_dict(hf: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """An HF-layout state dict -> our Decoder state dict, checking every key and shape against `cfg`."""
+    check_hf_shapes({k: tuple(v.shape) for k, v in hf.items()}, cfg)
+    if cfg.tie_embeddings and "lm_head.weight" in hf and not torch.equal(hf["lm_head.weight"],
+                                                                         hf["model.embed_tokens.weight"]):
+        raise AdapterError("tie_embeddings is set but lm_head.weight differs from model.embed_tokens.weight")
+    return {name: fn(*(hf[k] for k in keys)) for name, (keys, fn) in hf_recipe(cfg).items()}

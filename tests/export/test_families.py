@@ -129,3 +129,49 @@ def test_an_export_family_that_cannot_hold_the_model_is_refused():
         family_of(qwen2)
     scaled = dataclasses.replace(cfg, qk_norm=False, rope_scaling=RopeScaling("linear", 2.0))
     assert to_hf_config(scaled)[1]["rope_parameters"] == {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}
+
+
+# config.json as the published checkpoints ship it (written by transformers 4.x: `rope_scaling` and a top-level
+# `rope_theta`, Qwen's unused sliding-window keys, SmolLM2's extra keys), shrunk to a tiny shape.
+TINY = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 640, "hidden_act": "silu", "initializer_range": 0.02,
+        "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16", "use_cache": True}
+PUBLISHED_STYLE = {
+    "llama-3.2": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False, "head_dim": 16,
+                  "max_position_embeddings": 131072, "mlp_bias": False, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+                  "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                   "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+                  "rope_theta": 500000.0, "tie_word_embeddings": True, "transformers_version": "4.45.0.dev0"},
+    "qwen2.5": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "max_position_embeddings": 32768,
+                "max_window_layers": 1, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768,
+                "tie_word_embeddings": True, "transformers_version": "4.40.1", "use_sliding_window": False},
+    "qwen3": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attention_bias": False, "head_dim": 32,
+              "max_position_embeddings": 40960, "max_window_layers": 2, "rms_norm_eps": 1e-06, "rope_scaling": None,
+              "rope_theta": 1000000, "sliding_window": None, "tie_word_embeddings": True,
+              "transformers_version": "4.51.0", "use_sliding_window": False},
+    "mistral-v0.3": {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "max_position_embeddings": 32768,
+                     "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "sliding_window": None,
+                     "tie_word_embeddings": False, "transformers_version": "4.42.0.dev0"},
+    "smollm2": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "is_llama_config": True,
+                "max_position_embeddings": 8192, "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_interleaved": False,
+                "rope_scaling": None, "rope_theta": 100000, "tie_word_embeddings": True,
+                "transformers_version": "4.40.1"},
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED_STYLE))
+def test_config_json_as_published_imports_as_transformers_reads_it(name, tmp_path):
+    config = TINY | PUBLISHED_STYLE[name]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    hf_config_read = transformers.AutoConfig.from_pretrained(tmp_path)
+    hf_config_read._attn_implementation = "eager"
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_config_read, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.1) if p.ndim == 2 else p.add_(0.3 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(config))  # the published file, not transformers 5's rewrite
+    ours = ours_from(tmp_path)
+    assert type(hf).__name__ == FAMILIES[ours.cfg.family].model_class == config["architectures"][0]
+    assert max_diff(ours, hf, tokens()) <= TOL
