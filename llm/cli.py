@@ -13,11 +13,18 @@ GB = 1e9
 TRANSLATION_INFO_LEN = 64  # `llm info` of a translation model: FLOPs for sentences of this many tokens
 
 
+def _model_of(folder: str) -> dict:
+    """`model: init_from`: the model section of a transformers folder (read by `llm.export.families`)."""
+    from llm.export.families import model_section
+
+    return model_section(folder)
+
+
 def _info(args: argparse.Namespace) -> int:
     from llm.engine.memory import build_host_memory, model_state_memory
     from llm.models import build_model
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, model_of=_model_of)
     m = cfg.model
     if cfg.task == "translation":
         from llm.models.encoder_decoder import build_translation_model
@@ -83,7 +90,7 @@ def _info(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from llm.engine.trainer import main as train_main
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, model_of=_model_of)
     return train_main(cfg, args.config)
 
 

@@ -7,6 +7,7 @@ parsed as YAML scalars and checked the same way.
 
 The `model` section may also be a string: the name of a preset in `configs/model/` (e.g. `tiny`) or a path to a
 model YAML file, relative to the run config. A model preset file holds the `ModelConfig` fields at top level.
+`model: init_from` takes the model of the `train.init_from` folder (resolved by the CLI, see `load_config`).
 
 `task` (top level) selects what is trained: `lm` (the decoder, `ModelConfig` and `DataConfig`) or `translation`
 (the encoder-decoder, `TranslationModelConfig` and `TranslationDataConfig`, plus the `decode` section for BLEU).
@@ -578,11 +579,35 @@ def load_model_config(path: str | Path, overrides: list[str] = ()) -> ModelConfi
     return cfg
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+FROM_INIT = "init_from"  # `model: init_from`: the model section is the `train.init_from` folder's model
+
+
+def _model_from_init(data: dict, overrides: list[str], model_of, source: str) -> dict:
+    init_from = (data.get("train") or {}).get("init_from") if isinstance(data.get("train"), dict) else None
+    for text in overrides:  # a command-line train.init_from wins
+        parts, value = parse_override(text)
+        if parts == ["train", "init_from"]:
+            init_from = value
+    if not isinstance(init_from, str) or not init_from:
+        _fail(source, "model", FROM_INIT, "takes the model of train.init_from, which is not set")
+    if model_of is None:
+        _fail(source, "model", FROM_INIT, "is resolved by `llm train` and `llm info`, not here")
+    try:
+        return model_of(init_from)
+    except (ValueError, OSError) as e:  # an unreadable or unsupported folder: one line naming it
+        _fail(source, "model", FROM_INIT, f"train.init_from: {e}")
+
+
+def load_config(path: str | Path, overrides: list[str] = (),
+                model_of: typing.Callable[[str], dict] | None = None) -> RunConfig:
     """Load a run config YAML, apply `section.key=value` overrides, check everything, return a RunConfig.
 
     A file without a `model`, `data`, `optim` or `train` section but with model keys is read as a model preset,
     so `llm info configs/model/7b.yaml` and `llm info configs/train/tiny.yaml` both work.
+
+    `model: init_from` takes the model section from the `train.init_from` folder: `model_of(folder)` gives it as
+    a mapping of model keys (the CLI passes `llm.export.families.model_section`); `model.key=value` overrides then
+    apply to it as to a preset.
     """
     path = Path(path)
     if not path.is_file() and path.suffix not in (".yaml", ".yml"):
@@ -595,7 +620,9 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
             data = {"task": "translation", "model": data}
         else:  # train windows default to the model's full context
             data = {"model": data, "data": {"seq_len": data.get("max_seq_len", ModelConfig.max_seq_len)}}
-    if isinstance(data.get("model"), str):
+    if data.get("model") == FROM_INIT:
+        data["model"] = _model_from_init(data, overrides, model_of, str(path))
+    elif isinstance(data.get("model"), str):
         preset = resolve_preset(data["model"], relative_to=path)
         data["model"] = _read_yaml(preset)
     for text in overrides:

@@ -132,7 +132,8 @@ def test_nan_and_infinite_values_are_refused(override):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("[mt][or]*/*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_model_and_train_config_loads(path):
-    load_config(path)
+    """(A config with `model: init_from` gets a preset's shape in place of the folder it names.)"""
+    load_config(path, model_of=lambda folder: yaml.safe_load((ROOT / "configs/model/smollm2-135m.yaml").read_text()))
 
 
 @pytest.mark.parametrize("rope, message", [
@@ -154,3 +155,27 @@ def test_decoupled_head_size(tmp_path):
     (tmp_path / "run.yaml").write_text("model: {d_model: 96, n_heads: 5}\n")
     with pytest.raises(ConfigError, match=r"model.n_heads = 5: must divide model.d_model = 96 \(or set model.d_head\)"):
         load_config(tmp_path / "run.yaml")
+
+
+def test_model_init_from_takes_the_folders_model(tmp_path):
+    """`model: init_from` reads the train.init_from folder's config.json (through the CLI's resolver); overrides
+    apply to it; without init_from, or with a folder we cannot import, one line names the problem."""
+    import transformers
+
+    from llm.export.families import model_section
+
+    folder = tmp_path / "qwen"
+    transformers.Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                             tie_word_embeddings=True).save_pretrained(folder)
+    (tmp_path / "run.yaml").write_text(f"model: init_from\ndata: {{seq_len: 64}}\ntrain: {{init_from: {folder}}}\n")
+    cfg = load_config(tmp_path / "run.yaml", ["model.attention=sdpa"], model_of=model_section)
+    assert (cfg.model.family, cfg.model.attention_bias, cfg.model.vocab_size) == ("qwen2", True, 300)
+    assert cfg.model.attention == "sdpa" and cfg.model.tie_embeddings and cfg.train.init_from == str(folder)
+    with pytest.raises(ConfigError, match="model = 'init_from': takes the model of train.init_from, which is not"):
+        load_config(tmp_path / "run.yaml", ["train.init_from=null"], model_of=model_section)
+    with pytest.raises(ConfigError, match=rf"model = 'init_from': train.init_from: {tmp_path}/nothing: no config"):
+        load_config(tmp_path / "run.yaml", [f"train.init_from={tmp_path}/nothing"], model_of=model_section)
+    transformers.GPT2Config().save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ConfigError, match=r"gpt2/config.json: model_type 'gpt2' is not supported"):
+        load_config(tmp_path / "run.yaml", [f"train.init_from={tmp_path}/gpt2"], model_of=model_section)

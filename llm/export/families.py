@@ -269,3 +269,16 @@ def load_hf_folder(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.Ten
     if cfg.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
     return cfg, state
+
+
+def model_section(folder: str | Path) -> dict:
+    """The model section (a mapping of `ModelConfig` keys) of a family's folder, for `model: init_from`."""
+    import dataclasses
+
+    config = Path(folder) / "config.json"
+    if not config.is_file():
+        raise AdapterError(f"{folder}: no config.json (expected a transformers model folder)")
+    try:
+        return dataclasses.asdict(from_hf_config(json.loads(config.read_text())))
+    except AdapterError as e:
+        raise AdapterError(f"{config}: {e}") from None
