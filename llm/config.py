@@ -290,7 +290,8 @@ class OptimConfig:
     weight_decay: float = 0.1  # not applied to norms and biases
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     warmup_steps: int = 100
-    schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    # inverse_sqrt: fairseq's (the standard one for translation): linear warmup, then lr * sqrt(warmup / step)
+    schedule: Literal["cosine", "linear", "constant", "wsd", "inverse_sqrt"] = "cosine"
     decay_fraction: float = 0.2  # wsd: fraction of the run spent decaying
 
     def check(self, source: str, prefix: str = "optim") -> None:
@@ -305,6 +306,9 @@ class OptimConfig:
                 _fail(source, f"{prefix}.{name}", getattr(self, name), "must not be negative")
         if not 0 < self.decay_fraction <= 1:
             _fail(source, f"{prefix}.decay_fraction", self.decay_fraction, "must be in (0, 1]")
+        if self.schedule == "inverse_sqrt" and self.warmup_steps == 0:
+            _fail(source, f"{prefix}.warmup_steps", self.warmup_steps,
+                  "inverse_sqrt decays as sqrt(warmup_steps / step): it needs warmup_steps > 0")
 
 
 @dataclass

@@ -35,11 +35,15 @@ def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
     """Multiplier of cfg.lr for the update made at `step` (0-based): linear warmup, then the schedule's decay.
 
     cosine and linear decay from 1 to min_lr_ratio over the steps after warmup; constant stays at 1; wsd
-    (warmup-stable-decay) stays at 1 and decays linearly to min_lr_ratio over the last decay_fraction of the run.
+    (warmup-stable-decay) stays at 1 and decays linearly to min_lr_ratio over the last decay_fraction of the run;
+    inverse_sqrt (fairseq's) is sqrt(warmup_steps / n) at update n = step + 1, with no floor and no dependence on the
+    run's length.
     """
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     floor = cfg.min_lr_ratio
+    if cfg.schedule == "inverse_sqrt":
+        return math.sqrt(cfg.warmup_steps / (step + 1))
     if cfg.schedule == "constant":
         return 1.0
     if cfg.schedule == "wsd":

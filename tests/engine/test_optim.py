@@ -33,6 +33,25 @@ def test_schedules(schedule):
         assert f[55] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * 46 / 90)).item()))
 
 
+def test_inverse_sqrt_is_fairseqs_schedule():
+    """fairseq's inverse_sqrt: lr * n / warmup during warmup (update n = step + 1), then lr * sqrt(warmup / n),
+    whatever the run's length."""
+    cfg = OptimConfig(warmup_steps=4000, schedule="inverse_sqrt", min_lr_ratio=0.5)
+    for step, expected in ((0, 1 / 4000), (1999, 0.5), (3999, 1.0), (4000, (4000 / 4001) ** 0.5),
+                           (15999, 0.5), (99_999, 0.2)):
+        assert lr_factor(step, 10, cfg) == pytest.approx(expected, rel=1e-12), step
+        assert lr_factor(step, 1_000_000, cfg) == lr_factor(step, 10, cfg)
+    assert lr_factor(10**9, 10, cfg) < 0.5  # no min_lr_ratio floor
+
+
+def test_inverse_sqrt_needs_warmup(tmp_path):
+    from llm.config import ConfigError, load_config
+
+    (tmp_path / "run.yaml").write_text("optim: {schedule: inverse_sqrt, warmup_steps: 0}\n")
+    with pytest.raises(ConfigError, match="optim.warmup_steps = 0: inverse_sqrt decays as sqrt"):
+        load_config(tmp_path / "run.yaml")
+
+
 def test_set_lr_applies_to_every_group(tiny_cfg):
     opt = build_optimizer(build_model(tiny_cfg), OptimConfig())
     set_lr(opt, 1.23e-4)

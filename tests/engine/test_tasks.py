@@ -1,4 +1,4 @@
-"""Translation through `llm train`: two real processes with ZeRO-2 over gloo compute what one process computes
+"""Translation through `llm train`: two real processes with ZeRO-2 and ZeRO-3 over gloo compute what one process
 (every target token weighs the same, whatever batch it is in), validation BLEU gathers the ranks' translations in
 order, and a run killed with -9 resumes exactly. Both tasks' losses come from the model's chunked output head and
 equal the unfused loss of its logits."""
@@ -23,29 +23,54 @@ def records(run_dir, split):
             if r["split"] == split}
 
 
-def test_two_processes_match_one_process_with_the_same_batches(packed_pairs, translation_run, tmp_path):
-    # One process with grad_accum 2 takes global batches p and p + 1 as its micro-batches: exactly what ranks 0
-    # and 1 take in one step of the two-process run, so the runs compute the same thing.
-    # Validation: rank r of 2 takes batches r, r + 2 of the first 4 (eval_batches 2 each); one process takes 0-3.
-    config = write_translation_config(tmp_path, packed_pairs, pair_vocab(packed_pairs), grad_accum=2, zero_stage=0,
+@pytest.fixture(scope="module")
+def one_process(packed_pairs, tmp_path_factory):
+    """The two-process runs' computation on one process: with grad_accum 2 it takes global batches p and p + 1 as
+    its micro-batches, exactly what ranks 0 and 1 take in one step of a two-process run. Validation: rank r of 2
+    takes batches r, r + 2 of the first 4 (eval_batches 2 each); one process takes 0-3."""
+    tmp = tmp_path_factory.mktemp("mt1")
+    config = write_translation_config(tmp, packed_pairs, pair_vocab(packed_pairs), grad_accum=2, zero_stage=0,
                                       eval_batches=4)
     result = run_train(config, 1)
     assert result.returncode == 0, result.stderr[-3000:]
-    ref, got = records(tmp_path / "run", "train"), records(translation_run, "train")
+    return config, tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def zero3_run(packed_pairs, tmp_path_factory):
+    """As `translation_run`, under ZeRO-3: parameters partitioned, every forward (beam search included) gathers."""
+    tmp = tmp_path_factory.mktemp("mt-zero3")
+    config = write_translation_config(tmp, packed_pairs, pair_vocab(packed_pairs), zero_stage=3, save_every=8,
+                                      keep_last=3)
+    result = run_train(config, 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return config, tmp / "run"
+
+
+def assert_same_run(run, reference) -> None:
+    """Losses per step and target tokens, validation loss, BLEU and chrF at steps 12 and 24 equal the reference's."""
+    ref, got = records(reference, "train"), records(run, "train")
     assert sorted(got) == list(range(1, 25))
     assert got[24]["loss"] < got[1]["loss"] - 1.0, got  # it learns
     for step in ref:
         assert got[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-4), step
         assert got[step]["tokens"] == ref[step]["tokens"]  # target tokens, summed over ranks
     assert len({got[s]["tokens"] - got[s - 1]["tokens"] for s in range(2, 25)}) > 1  # steps differ in tokens
-    ref_val, val = records(tmp_path / "run", "val"), records(translation_run, "val")
+    ref_val, val = records(reference, "val"), records(run, "val")
     assert sorted(val) == [12, 24]
     for step in (12, 24):
         assert val[step]["loss"] == pytest.approx(ref_val[step]["loss"], rel=1e-4)
-        # Each rank translated half of the BLEU sentences; gathered back in order, they score the same.
+        # The translations (shared out and gathered back in order, or under ZeRO-3 all made on every rank) score
+        # the same.
         assert val[step]["bleu"] == pytest.approx(ref_val[step]["bleu"], abs=1e-6)
         assert val[step]["chrf"] == pytest.approx(ref_val[step]["chrf"], abs=1e-6)
     assert 0 <= val[24]["bleu"] <= 100 and 0 < val[24]["chrf"] <= 100 and val[24]["loss"] < val[12]["loss"]
+
+
+def test_two_processes_match_one_process_with_the_same_batches(one_process, translation_run):
+    config, reference = one_process
+    assert_same_run(translation_run, reference)
+    ref = records(reference, "train")
 
     # The loss is per target token of the whole step: at step 1 (the initial weights, rebuilt here as the trainer
     # builds them) it is the label-smoothed sum over both batches / their tokens. The batches hold different
@@ -63,6 +88,24 @@ def test_two_processes_match_one_process_with_the_same_batches(packed_pairs, tra
     assert ref[1]["loss"] == pytest.approx(sum(sums) / sum(counts), rel=1e-5)
     assert counts[0] != counts[1]
     assert ref[1]["loss"] != pytest.approx((sums[0] / counts[0] + sums[1] / counts[1]) / 2, rel=1e-5)
+
+
+def test_zero3_on_two_processes_matches_one_process_bleu_included(one_process, zero3_run):
+    assert_same_run(zero3_run[1], one_process[1])
+
+
+def test_zero3_resume_after_kill_reproduces_the_uninterrupted_run(zero3_run, tmp_path):
+    config, uninterrupted = zero3_run
+    run = tmp_path / "run"
+    proc = start_train(config, [f"train.output_dir={run}"])
+    wait_for(proc, "saved checkpoint")  # step 8 is on disk
+    wait_for(proc, "step 10/24")  # and training has gone on past it
+    kill_tree(proc)
+    result = run_train(config, 2, [f"train.output_dir={run}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step-00000008 at step 8" in result.stdout
+    assert losses(run) == losses(uninterrupted)  # exact, every step
+    assert records(run, "val")[24]["bleu"] == records(uninterrupted, "val")[24]["bleu"]
 
 
 def test_resume_after_kill_reproduces_the_uninterrupted_run(packed_pairs, translation_run, tmp_path):
