@@ -28,21 +28,18 @@ def one_process(packed_pairs, tmp_path_factory):
     """The two-process runs' computation on one process: with grad_accum 2 it takes global batches p and p + 1 as
     its micro-batches, exactly what ranks 0 and 1 take in one step of a two-process run. Validation: rank r of 2
     takes batches r, r + 2 of the first 4 (eval_batches 2 each); one process takes 0-3."""
-    tmp = tmp_path_factory.mktemp("mt1")
-    config = write_translation_config(tmp, packed_pairs, pair_vocab(packed_pairs), grad_accum=2, zero_stage=0,
-                                      eval_batches=4)
-    result = run_train(config, 1)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return config, tmp / "run"
+    return _trained(packed_pairs, tmp_path_factory.mktemp("mt1"), 1, grad_accum=2, zero_stage=0, eval_batches=4)
 
 
 @pytest.fixture(scope="module")
 def zero3_run(packed_pairs, tmp_path_factory):
     """As `translation_run`, under ZeRO-3: parameters partitioned, every forward (beam search included) gathers."""
-    tmp = tmp_path_factory.mktemp("mt-zero3")
-    config = write_translation_config(tmp, packed_pairs, pair_vocab(packed_pairs), zero_stage=3, save_every=8,
-                                      keep_last=3)
-    result = run_train(config, 2)
+    return _trained(packed_pairs, tmp_path_factory.mktemp("mt-zero3"), 2, zero_stage=3, save_every=8, keep_last=3)
+
+
+def _trained(packed_pairs, tmp, processes: int, **train):
+    config = write_translation_config(tmp, packed_pairs, pair_vocab(packed_pairs), **train)
+    result = run_train(config, processes)
     assert result.returncode == 0, result.stderr[-3000:]
     return config, tmp / "run"
 
