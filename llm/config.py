@@ -587,7 +587,8 @@ FROM_INIT = "init_from"  # `model: init_from`: the model section is the `train.i
 
 
 def _model_from_init(data: dict, overrides: list[str], model_of, source: str) -> dict:
-    init_from = (data.get("train") or {}).get("init_from") if isinstance(data.get("train"), dict) else None
+    train = data.get("train")
+    init_from = train.get("init_from") if isinstance(train, dict) else None
     for text in overrides:  # a command-line train.init_from wins
         parts, value = parse_override(text)
         if parts == ["train", "init_from"]:

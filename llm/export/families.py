@@ -32,10 +32,15 @@ class Family:
     """One `transformers` family: its names and the config fields it has beyond the shared ones."""
 
     name = model_type = config_class = model_class = ""
+    lacks: tuple[str, ...] = ()  # features (ModelConfig flags) its config cannot express
+    always: str | None = None  # a feature every model of the family has
 
     def problems(self, cfg: ModelConfig) -> list[str]:
         """What in `cfg` this family's config cannot express (empty: it can hold the model)."""
-        return []
+        out = [f"model.{f}" for f in self.lacks if getattr(cfg, f)]
+        if self.always and not getattr(cfg, self.always):
+            out.append(f"model.{self.always}=false ({self.model_class} always has it)")
+        return out
 
     def read(self, hf: dict) -> dict:
         """ModelConfig fields from the family-specific part of a config.json; refuse what we lack."""
@@ -61,9 +66,7 @@ def _no_sliding_layers(hf: dict) -> None:
 
 class Llama(Family):
     name, model_type, config_class, model_class = "llama", "llama", "LlamaConfig", "LlamaForCausalLM"
-
-    def problems(self, cfg):
-        return [f"model.{f}" for f in ("attention_bias", "qk_norm", "sliding_window") if getattr(cfg, f)]
+    lacks = ("attention_bias", "qk_norm", "sliding_window")
 
     def read(self, hf):
         _no("attention_bias", hf, "Llama's attention_bias adds a bias to o_proj too, which the decoder lacks")
@@ -75,9 +78,7 @@ class Llama(Family):
 
 class Mistral(Family):
     name, model_type, config_class, model_class = "mistral", "mistral", "MistralConfig", "MistralForCausalLM"
-
-    def problems(self, cfg):
-        return [f"model.{f}" for f in ("attention_bias", "qk_norm") if getattr(cfg, f)]
+    lacks = ("attention_bias", "qk_norm")
 
     def read(self, hf):
         return {"sliding_window": hf.get("sliding_window")}
@@ -88,14 +89,12 @@ class Mistral(Family):
 
 class Qwen2(Family):
     name, model_type, config_class, model_class = "qwen2", "qwen2", "Qwen2Config", "Qwen2ForCausalLM"
+    lacks, always = ("qk_norm", "sliding_window"), "attention_bias"
 
     def problems(self, cfg):
-        out = [f"model.{f}" for f in ("qk_norm", "sliding_window") if getattr(cfg, f)]
-        if not cfg.attention_bias:
-            out.append("model.attention_bias=false (Qwen2 always has q/k/v biases)")
-        if cfg.head_dim * cfg.n_heads != cfg.d_model:
-            out.append("model.d_head (Qwen2's head size is hidden_size / num_attention_heads)")
-        return out
+        decoupled = cfg.head_dim * cfg.n_heads != cfg.d_model
+        return super().problems(cfg) + (
+            ["model.d_head (Qwen2's head size is hidden_size / num_attention_heads)"] if decoupled else [])
 
     def read(self, hf):
         _no_sliding_layers(hf)
@@ -109,12 +108,7 @@ class Qwen2(Family):
 
 class Qwen3(Family):
     name, model_type, config_class, model_class = "qwen3", "qwen3", "Qwen3Config", "Qwen3ForCausalLM"
-
-    def problems(self, cfg):
-        out = [f"model.{f}" for f in ("attention_bias", "sliding_window") if getattr(cfg, f)]
-        if not cfg.qk_norm:
-            out.append("model.qk_norm=false (Qwen3 always has q/k norms)")
-        return out
+    lacks, always = ("attention_bias", "sliding_window"), "qk_norm"
 
     def read(self, hf):
         _no("attention_bias", hf, "Qwen3's attention_bias adds a bias to o_proj too, which the decoder lacks")
@@ -235,17 +229,22 @@ class HFWeights(Mapping):
         return {k: tuple(self.files[f].get_slice(k).get_shape()) for k, f in self.where.items()}
 
 
+def read_hf_config(folder: str | Path) -> ModelConfig:
+    """A family's folder's config.json as our ModelConfig; errors name the file."""
+    config = Path(folder) / "config.json"
+    if not config.is_file():
+        raise AdapterError(f"{folder}: no config.json (expected a transformers model folder)")
+    try:
+        return from_hf_config(json.loads(config.read_text()))
+    except AdapterError as e:
+        raise AdapterError(f"{config}: {e}") from None
+
+
 def open_hf_folder(folder: str | Path) -> tuple[ModelConfig, dict[str, Callable[[], torch.Tensor]]]:
     """A family's folder: its config, and each of our parameters as a function that reads and converts it (fp32),
     one at a time. Keys and shapes are checked against the config first."""
     folder = Path(folder)
-    config = folder / "config.json"
-    if not config.is_file():
-        raise AdapterError(f"{folder}: no config.json (expected a transformers model folder)")
-    try:
-        cfg = from_hf_config(json.loads(config.read_text()))
-    except AdapterError as e:
-        raise AdapterError(f"{config}: {e}") from None
+    cfg = read_hf_config(folder)
     weights = HFWeights(folder)
     try:
         check_hf_shapes(weights.shapes(), cfg)
@@ -253,7 +252,7 @@ def open_hf_folder(folder: str | Path) -> tuple[ModelConfig, dict[str, Callable[
         raise AdapterError(f"{folder}: {e}") from None
     if cfg.tie_embeddings and "lm_head.weight" in weights and not torch.equal(weights["lm_head.weight"],
                                                                               weights["model.embed_tokens.weight"]):
-        raise AdapterError(f"{config}: tie_word_embeddings is true but lm_head.weight differs from "
+        raise AdapterError(f"{folder / 'config.json'}: tie_word_embeddings is true but lm_head.weight differs from "
                            "model.embed_tokens.weight")
 
     def reader(keys, fn):
@@ -275,10 +274,4 @@ def model_section(folder: str | Path) -> dict:
     """The model section (a mapping of `ModelConfig` keys) of a family's folder, for `model: init_from`."""
     import dataclasses
 
-    config = Path(folder) / "config.json"
-    if not config.is_file():
-        raise AdapterError(f"{folder}: no config.json (expected a transformers model folder)")
-    try:
-        return dataclasses.asdict(from_hf_config(json.loads(config.read_text())))
-    except AdapterError as e:
-        raise AdapterError(f"{config}: {e}") from None
+    return dataclasses.asdict(read_hf_config(folder))
