@@ -3,6 +3,7 @@
     python -m data_prep.train_tokenizer   corpus -> byte-level BPE tokenizer folder
     python -m data_prep.pack_lm           corpus + tokenizer -> packed token shards + manifest
     python -m data_prep.inspect DATA_DIR  manifest summary, integrity check, decoded sample windows
+    python -m data_prep.make_cloze DATA_DIR --output DIR   a cloze task (lm-eval YAML) from held-out documents
 
 With no --input, the corpus is the Python standard library's source (present wherever Python is).
 """

@@ -2,9 +2,11 @@
 # The main job on the embedded default corpus, from a fresh clone:
 #   1. install what is missing (a .venv with CPU torch, DeepSpeed, llm) unless llm is already importable;
 #   2. prepare the corpus: a byte-level BPE tokenizer and packed shards of the Python standard library's source;
-#   3. train the tiny preset with ZeRO-2 on 2 CPU processes (on every GPU when there are GPUs), with validation;
-#   4. print the loss curve's start and end and where the checkpoint is;
-#   5. export it to a Hugging Face transformers folder (verified) and print a sample that transformers generates.
+#   3. build a cloze task (lm-eval YAML) from held-out documents;
+#   4. train the tiny preset with ZeRO-2 on 2 CPU processes (on every GPU when there are GPUs), with validation
+#      (loss, perplexity, bits per byte on windows sampled over the whole split) and the cloze task's accuracy;
+#   5. print the loss curve's start and end, the last evaluation and where the checkpoint is;
+#   6. export it to a Hugging Face transformers folder (verified) and print a sample that transformers generates.
 #   bash launch/quickstart.sh [section.key=value ...]      e.g. train.steps=100
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,10 +23,11 @@ fi
 echo "== preparing the default corpus (Python stdlib source)"
 [ -f data/tokenizer/tokenizer.json ] || python -m data_prep.train_tokenizer --vocab-size 4096 --output data/tokenizer
 [ -f data/stdlib/manifest.json ] || python -m data_prep.pack_lm --tokenizer data/tokenizer --output data/stdlib
+[ -f data/cloze/cloze.yaml ] || python -m data_prep.make_cloze data/stdlib --output data/cloze
 
 RUN=runs/quickstart-$(date +%Y%m%d-%H%M%S)
 echo "== training the tiny preset into $RUN"
-bash launch/train.sh configs/train/tiny_cpu.yaml "train.output_dir=$RUN" "$@"
+bash launch/train.sh configs/train/tiny_cpu.yaml "train.output_dir=$RUN" "train.eval_tasks=[data/cloze/cloze.yaml]" "$@"
 
 echo "== result"
 python - "$RUN" <<'PY'
@@ -34,7 +37,11 @@ train = [r for r in records if r["split"] == "train"]
 val = [r for r in records if r["split"] == "val"]
 print(f"train loss {train[0]['loss']:.2f} at step {train[0]['step']} -> {train[-1]['loss']:.2f} at step {train[-1]['step']}")
 if val:
-    print(f"validation loss {val[-1]['loss']:.2f} (perplexity {val[-1]['ppl']:.1f}) at step {val[-1]['step']}")
+    v = val[-1]
+    print(f"validation at step {v['step']}: loss {v['loss']:.3f}, perplexity {v['ppl']:.1f}, bits per byte "
+          f"{v['bpb']:.3f} (windows sampled over the whole validation split)")
+    if "cloze/acc" in v:
+        print(f"cloze task (data/cloze/cloze.yaml, 4 choices, chance 25%): accuracy {100 * v['cloze/acc']:.1f}%")
 print(f"checkpoint: {sys.argv[1]}/checkpoints/{open(f'{sys.argv[1]}/checkpoints/latest').read().strip()}")
 print(f"loss curve: {sys.argv[1]}/loss.png   metrics: {sys.argv[1]}/metrics.jsonl   tensorboard: {sys.argv[1]}/tensorboard")
 PY

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 
 from llm.config import ConfigError, load_config
@@ -151,6 +152,14 @@ def _translate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    try:
+        from llm.eval.run import main as eval_main
+    except ImportError as e:
+        raise RuntimeError(str(e)) from None
+    return eval_main(args)
+
+
 def _average(args: argparse.Namespace) -> int:
     from llm.checkpoint.consolidate import CheckpointNotFound, complete_checkpoints, write_weights_checkpoint
     from llm.translate import average_checkpoints
@@ -294,6 +303,40 @@ def build_parser() -> argparse.ArgumentParser:
     avg.add_argument("--output", required=True, help="the folder to create")
     avg.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     avg.set_defaults(func=_average)
+
+    ev = sub.add_parser(
+        "eval", help="score a model on lm-evaluation-harness tasks and/or the perplexity of text",
+        description="Run EleutherAI's lm-evaluation-harness (pip install 'llm[eval]') on a run folder, a checkpoint "
+                    "(any ZeRO stage; no export needed) or a transformers folder: multiple-choice (loglikelihood) "
+                    "and generation tasks, given by lm-eval name or as task YAML files. --data scores the "
+                    "perplexity and bits per byte of text files or of a packed dataset's documents. Prints a "
+                    "table and writes every figure to a JSON file. Offline by default (HF_HUB_OFFLINE=1 and "
+                    "HF_DATASETS_OFFLINE=1 unless set): a task whose data is on the Hugging Face Hub fails with "
+                    "how to point it at local files.",
+        epilog="examples:\n  python -m data_prep.make_cloze data/stdlib --output data/cloze\n"
+               "  llm eval runs/tiny_cpu --tasks data/cloze/cloze.yaml\n"
+               "  llm eval runs/tiny_cpu --data data/stdlib --limit 200      (perplexity of validation documents)\n"
+               "  llm eval exports/tiny --tasks data/cloze/cloze.yaml        (lm-eval's transformers backend)",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ev.add_argument("model", help="a run folder, a checkpoint folder or a transformers folder")
+    ev.add_argument("--tasks", nargs="+", default=[], help="lm-eval task names or task YAML paths")
+    ev.add_argument("--data", nargs="+", default=[], help="text files, folders or globs (.txt, .jsonl, .json, "
+                    ".csv, .parquet), or one packed dataset folder (its --split's documents)")
+    ev.add_argument("--split", default="val", help="split of a packed --data folder (default: %(default)s)")
+    ev.add_argument("--text-column", default="text", help="column of the text in jsonl/csv/parquet --data")
+    ev.add_argument("--limit", type=int, default=None, help="at most this many examples per task / documents")
+    ev.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's, or 0)")
+    ev.add_argument("--batch-size", type=int, default=16, help="sequences per forward (default: %(default)s)")
+    ev.add_argument("--max-length", type=int, default=None, help="context in tokens (default: the model's)")
+    ev.add_argument("--backend", choices=["auto", "ours", "hf"], default="auto",
+                    help="ours: our model (checkpoints; transformers folders of Llama, Mistral, Qwen2, Qwen3); hf: "
+                         "lm-eval's transformers backend (transformers folders); auto (default): ours for "
+                         "checkpoints, hf for transformers folders")
+    ev.add_argument("--output", help="the JSON file to write (default: MODEL/eval.json for our runs and "
+                    "checkpoints, ./eval-<folder>.json for a transformers folder)")
+    ev.add_argument("--log-samples", action="store_true", help="keep every example's inputs and scores in the JSON")
+    ev.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    ev.set_defaults(func=_eval)
     return parser
 
 
@@ -305,6 +348,9 @@ def _cuda() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Offline unless told otherwise: no download is ever attempted behind the user's back (and none can hang).
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ.setdefault(name, "1")
     try:
         return args.func(args)
     except ConfigError as e:

@@ -332,7 +332,13 @@ class TrainConfig:
     compile: bool = False
     log_every: int = 10
     eval_every: int = 0  # 0: no periodic validation
-    eval_batches: int = 20
+    # lm: validation windows per dataset, a seeded sample spread over the whole validation split (all of it when it
+    # has fewer), the same on any number of processes
+    eval_windows: int = 512
+    eval_batches: int = 20  # translation: validation batches per process
+    # lm: lm-evaluation-harness tasks (names, or paths of task YAML files) scored every eval_every steps
+    eval_tasks: list[str] = field(default_factory=list)
+    eval_limit: int | None = None  # at most this many examples of each of eval_tasks (None: all)
     save_every: int = 0  # 0: save only at the end and on a signal
     save_at_end: bool = True  # false: no checkpoint at the last step (throwaway runs, benchmarks); signals still save
     keep_last: int = 3
@@ -344,7 +350,8 @@ class TrainConfig:
     collective_timeout_s: float = 1800.0
 
     def check(self, source: str, prefix: str = "train") -> None:
-        for name in ("steps", "micro_batch_size", "grad_accum", "log_every", "eval_batches", "keep_last"):
+        for name in ("steps", "micro_batch_size", "grad_accum", "log_every", "eval_windows", "eval_batches",
+                     "keep_last"):
             if getattr(self, name) <= 0:
                 _fail(source, f"{prefix}.{name}", getattr(self, name), "must be positive")
         for name in ("eval_every", "save_every"):
@@ -352,6 +359,10 @@ class TrainConfig:
                 _fail(source, f"{prefix}.{name}", getattr(self, name), "must not be negative (0 disables)")
         if self.offload and self.zero_stage != 3:
             _fail(source, f"{prefix}.offload", self.offload, "CPU offload needs train.zero_stage = 3")
+        if self.eval_tasks and not self.eval_every:
+            _fail(source, f"{prefix}.eval_tasks", self.eval_tasks, "needs train.eval_every > 0 (when to score them)")
+        if self.eval_limit is not None and self.eval_limit <= 0:
+            _fail(source, f"{prefix}.eval_limit", self.eval_limit, "must be positive (or null: every example)")
         if self.peak_tflops is not None and self.peak_tflops <= 0:
             _fail(source, f"{prefix}.peak_tflops", self.peak_tflops, "must be positive")
         if self.collective_timeout_s <= 0:
@@ -395,6 +406,9 @@ class RunConfig:
         self.optim.check(source)
         self.train.check(source)
         self.decode.check(source)
+        if self.task == "translation" and self.train.eval_tasks:
+            _fail(source, "train.eval_tasks", self.train.eval_tasks,
+                  "scores language models; translation runs report BLEU and chrF (data.bleu_sentences)")
         if self.task == "translation" and self.train.init_from:
             _fail(source, "train.init_from", self.train.init_from,
                   "imports a decoder-only model; translation runs start fresh")

@@ -91,7 +91,7 @@ def pin(batch: dict) -> dict:
 
 
 class _Loader:
-    """What the train and validation loaders share: datasets, blend, batch geometry."""
+    """Datasets, blend and batch geometry of a loader (the validation sample is `llm.eval.validation`'s)."""
 
     def __init__(self, cfg: DataConfig, micro_batch_size: int, rank: int, world_size: int, *, split: str,
                  shuffle: bool, vocab_size: int | None):
@@ -153,36 +153,6 @@ class PackedLoader(_Loader):
         return batch
 
 
-class ValidationLoader(_Loader):
-    """Validation batches: samples in stored order (no shuffle), the same full global batches on every pass.
-
-    Yields `min(max_batches, samples_per_epoch // global_batch_size)` batches per pass: only full global batches,
-    so every rank gets the same number of rows and every pass sees the same samples for a given global batch size.
-    """
-
-    def __init__(self, cfg: DataConfig, micro_batch_size: int, rank: int = 0, world_size: int = 1, *,
-                 vocab_size: int | None = None, max_batches: int | None = None):
-        super().__init__(cfg, micro_batch_size, rank, world_size, split="val", shuffle=False, vocab_size=vocab_size)
-        full = self.samples_per_epoch // self.global_batch_size
-        if full == 0:
-            raise DataError(f"validation split has {self.samples_per_epoch} windows of {cfg.seq_len + 1} tokens, "
-                            f"fewer than one global batch of {self.global_batch_size}; pack with a larger "
-                            f"--val-fraction or lower the batch size")
-        self.num_batches = full if max_batches is None else min(full, max_batches)
-
-    def __len__(self) -> int:
-        return self.num_batches
-
-    def __iter__(self):
-        for step in range(self.num_batches):
-            yield self._batch_at(step * self.global_batch_size)
-
-
 def build_train_loader(cfg: DataConfig, micro_batch_size: int, rank: int = 0, world_size: int = 1,
                        vocab_size: int | None = None) -> PackedLoader:
     return PackedLoader(cfg, micro_batch_size, rank, world_size, vocab_size=vocab_size)
-
-
-def build_val_loader(cfg: DataConfig, micro_batch_size: int, rank: int = 0, world_size: int = 1,
-                     vocab_size: int | None = None, max_batches: int | None = None) -> ValidationLoader:
-    return ValidationLoader(cfg, micro_batch_size, rank, world_size, vocab_size=vocab_size, max_batches=max_batches)

@@ -76,7 +76,11 @@ class ChunkTokenizer:
         # Train or validation by a keyed hash of the document's global index: fixed per (seed, document).
         is_val = unit_hash(self.split_key, first_doc + np.asarray(keep, dtype=np.int64)) < self.val_fraction
         val_tokens = np.repeat(is_val, lens)
-        return (tokens[~val_tokens], lens[~is_val], tokens[val_tokens], lens[is_val], n_text, len(texts) - len(keep))
+        # UTF-8 bytes of each split's text, for bits per byte (a measure that does not depend on the tokenizer).
+        text_bytes = np.fromiter((len(texts[i].encode("utf-8", "replace")) for i in keep), dtype=np.int64,
+                                 count=len(keep))
+        return (tokens[~val_tokens], lens[~is_val], tokens[val_tokens], lens[is_val], n_text, len(texts) - len(keep),
+                int(text_bytes[~is_val].sum()), int(text_bytes[is_val].sum()))
 
 
 _WORKER: ChunkTokenizer | None = None
@@ -182,9 +186,12 @@ def pack_corpus(out_dir: str | Path, tokenizer: LoadedTokenizer | str | Path, in
     writers = {split: ShardWriter(partial, split, dtype, shard_tokens) for split in SPLITS}
     args = (tok.to_json(), tok.eos_id, dtype.str, split_key(seed), val_fraction, bos_id)
     stats = {"documents_read": 0, "empty_documents_skipped": 0, "text_tokens": 0}
+    text_bytes = dict.fromkeys(SPLITS, 0)
 
     def consume(result: tuple) -> None:
-        train_tokens, train_lens, val_tokens, val_lens, n_text, n_empty = result
+        train_tokens, train_lens, val_tokens, val_lens, n_text, n_empty, train_bytes, val_bytes = result
+        text_bytes["train"] += train_bytes
+        text_bytes["val"] += val_bytes
         writers["train"].add(train_tokens, train_lens)
         writers["val"].add(val_tokens, val_lens)
         stats["documents_read"] += len(train_lens) + len(val_lens) + n_empty
@@ -208,7 +215,7 @@ def pack_corpus(out_dir: str | Path, tokenizer: LoadedTokenizer | str | Path, in
                     consume(workers.result(pending.popleft()))
             while pending:
                 consume(workers.result(pending.popleft()))
-        splits = {split: writer.close() for split, writer in writers.items()}
+        splits = {split: writer.close() | {"text_bytes": text_bytes[split]} for split, writer in writers.items()}
     except BaseException:
         for writer in writers.values():
             writer.abort()

@@ -266,6 +266,13 @@ class PackedSplit:
     def tokenizer_sha256(self) -> str:
         return self.manifest["tokenizer"]["sha256"]
 
+    @property
+    def bytes_per_token(self) -> float | None:
+        """UTF-8 bytes of text per token of this split (EOS/BOS included), for bits per byte; None for a dataset
+        packed before the manifest recorded `text_bytes`."""
+        text_bytes = self.manifest["splits"][self.split].get("text_bytes")
+        return text_bytes / self.num_tokens if text_bytes else None
+
     def _shard_of(self, pos: int) -> int:
         return int(np.searchsorted(self._starts, pos, side="right")) - 1
 

@@ -144,22 +144,37 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
 
 
 def plot_loss_curve(jsonl: Path, png: Path) -> None:
-    """Train and validation loss against step, from every record in metrics.jsonl (resumed runs included)."""
+    """Train and validation loss against step, from every record in metrics.jsonl (resumed runs included); with
+    per-dataset validation losses, those too; with downstream task scores (train.eval_tasks), a second panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for split, style in (("train", "-"), ("val", "o-")):
-        points = sorted({r["step"]: r["loss"] for r in records if r.get("split") == split and "loss" in r}.items())
+    val = [r for r in records if r.get("split") == "val"]
+    scores = sorted({k for r in val for k in r if "/" in k and not k.startswith("loss/")})
+    fig, axes = plt.subplots(1, 2 if scores else 1, figsize=(12 if scores else 7, 4), squeeze=False)
+    ax = axes[0, 0]
+
+    def curve(axis, split: str, key: str, style: str, label: str) -> None:
+        points = sorted({r["step"]: r[key] for r in records if r.get("split") == split and key in r}.items())
         if points:
-            ax.plot(*zip(*points, strict=True), style, label=f"{split} loss")
-    ax.set_xlabel("step")
+            axis.plot(*zip(*points, strict=True), style, label=label)
+
+    curve(ax, "train", "loss", "-", "train loss")
+    curve(ax, "val", "loss", "o-", "val loss")
+    for key in sorted({k for r in val for k in r if k.startswith("loss/")}):
+        curve(ax, "val", key, ".--", f"val {key}")
     ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    for key in scores:
+        curve(axes[0, 1], "val", key, "o-", key)
+    if scores:
+        axes[0, 1].set_ylabel("task score")
+    for axis in axes[0]:
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+        axis.legend()
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)

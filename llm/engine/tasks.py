@@ -19,12 +19,13 @@ import numpy as np
 import torch
 from accelerate.utils import gather_object
 
-from llm.config import RunConfig
+from llm.config import ConfigError, RunConfig
 
 
 class LanguageModelling:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
+        self._harness = None
 
     def build_model(self) -> torch.nn.Module:
         from llm.models import build_model
@@ -32,12 +33,20 @@ class LanguageModelling:
         return build_model(self.cfg.model)
 
     def loaders(self, rank: int, world: int):
-        from llm.data.loader import build_train_loader, build_val_loader
+        from llm.data.loader import build_train_loader
+        from llm.eval.validation import build_val_loader
 
         cfg = self.cfg
         train = build_train_loader(cfg.data, cfg.train.micro_batch_size, rank, world, vocab_size=cfg.model.vocab_size)
         val = build_val_loader(cfg.data, cfg.train.micro_batch_size, rank, world, vocab_size=cfg.model.vocab_size,
-                               max_batches=cfg.train.eval_batches) if cfg.train.eval_every else None
+                               max_windows=cfg.train.eval_windows) if cfg.train.eval_every else None
+        if cfg.train.eval_tasks:  # unknown tasks and missing files fail here, before the model is built
+            try:
+                from llm.eval.harness import Harness
+
+                self._harness = Harness(cfg.train.eval_tasks, limit=cfg.train.eval_limit)
+            except (ImportError, FileNotFoundError, ValueError) as e:
+                raise ConfigError(f"train.eval_tasks = {cfg.train.eval_tasks}: {e}") from None
         return train, val
 
     def flops_per_token(self, model) -> tuple[float, str]:
@@ -49,27 +58,48 @@ class LanguageModelling:
         return ([next(batches) for _ in range(t.grad_accum)],
                 t.micro_batch_size * t.grad_accum * accelerator.num_processes * self.cfg.data.seq_len)
 
-    def _loss(self, engine, batch: dict, device: torch.device, label_smoothing: float) -> torch.Tensor:
-        """Mean next-token cross-entropy (fp32), computed by the model's output head without the full logits."""
+    def _loss(self, engine, batch: dict, device: torch.device, label_smoothing: float,
+              reduction: str = "mean") -> torch.Tensor:
+        """Next-token cross-entropy (fp32), computed by the model's output head without the full logits."""
         inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "position_ids", "cu_seqlens",
                                                                        "labels") if k in batch}
-        return engine(**inputs, max_seqlen=batch.get("max_seqlen"), label_smoothing=label_smoothing)
+        return engine(**inputs, max_seqlen=batch.get("max_seqlen"), label_smoothing=label_smoothing,
+                      reduction=reduction)
 
     def loss(self, engine, batch: dict, device: torch.device, step_tokens: int) -> torch.Tensor:
         return self._loss(engine, batch, device, self.cfg.label_smoothing)
 
     @torch.no_grad()
     def evaluate(self, engine, val_loader, accelerator) -> dict:
-        """Mean validation loss (no label smoothing) and perplexity over the validation loader's batches (the same
-        ones every time, and as many on every rank, which ZeRO-3's collective forward needs)."""
+        """Validation loss (no label smoothing) per target token of the sampled windows, perplexity and bits per
+        byte (`llm.eval.validation`); then the scores of train.eval_tasks. Every rank runs as many forwards (ZeRO-3's
+        forward is collective)."""
         engine.eval()
-        total, count = torch.zeros((), device=accelerator.device), 0
+        # [dataset, (summed loss, target tokens)]
+        sums = torch.zeros(len(val_loader.splits), 2, device=accelerator.device, dtype=torch.float64)
         for batch in val_loader:
-            total += self._loss(engine, batch, accelerator.device, 0.0)
-            count += 1
+            sums[batch["dataset"], 0] += self._loss(engine, batch, accelerator.device, 0.0, "sum").double()
+            sums[batch["dataset"], 1] += int((batch["labels"] != -100).sum())
+        result = val_loader.summarise(accelerator.reduce(sums, reduction="sum").cpu())
+        if self.cfg.train.eval_tasks:
+            result |= self.task_scores(engine, accelerator)
         engine.train()
-        loss = accelerator.reduce(total / max(count, 1), reduction="mean").item()
-        return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
+        return result
+
+    def task_scores(self, engine, accelerator) -> dict:
+        """train.eval_tasks with lm-evaluation-harness, requests sharded over the ranks ({} on ranks other than 0)."""
+        from llm.eval.harness import OurLM
+
+        lm = OurLM(engine.module, self.tokenizer(), batch_size=self.cfg.train.micro_batch_size,
+                   distributed=accelerator.num_processes > 1, lockstep=engine.zero_optimization_stage() == 3)
+        return self._harness.scores(lm)
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        from llm.checkpoint.consolidate import tokenizer_folder
+
+        return AutoTokenizer.from_pretrained(str(tokenizer_folder(self.cfg)))
 
 
 class Translation:

@@ -25,7 +25,7 @@ from llm.config import ModelConfig
 from .init import ONES, ZEROS, InitRule, init_deferred, init_parameters, no_init, normal, sized
 from .kv_cache import KVCache
 from .layers import RMSNorm, SwiGLU, apply_rope, rope_rotations
-from .loss import OutputHead
+from .loss import OutputHead, Reduction
 
 
 class Attention(nn.Module):
@@ -113,9 +113,10 @@ class Decoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
                 cache: KVCache | None = None, labels: torch.Tensor | None = None,
-                label_smoothing: float = 0.0) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, vocab_size); with `labels` (B, T), the mean cross-entropy instead
-        (fp32 scalar; labels of -100 ignored), computed chunk by chunk without the full logits (`llm.models.loss`).
+                label_smoothing: float = 0.0, reduction: Reduction = "mean") -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, vocab_size); with `labels` (B, T), the mean (or summed: `reduction`)
+        cross-entropy instead (fp32 scalar; labels of -100 ignored), computed chunk by chunk without the full logits
+        (`llm.models.loss`).
 
         `position_ids` (B, T) that restart at 0 mark packed document boundaries: tokens then attend only within
         their own document (`cu_seqlens`/`max_seqlen` may be passed along when the loader already has them).
@@ -142,7 +143,7 @@ class Decoder(nn.Module):
         if cache is not None:
             cache.advance(T)
         # logits (B, T, vocab_size), or with labels the loss (); inside the head's forward for ZeRO-3 (loss.py)
-        return self.output(self.norm(x), labels, label_smoothing=label_smoothing)
+        return self.output(self.norm(x), labels, label_smoothing=label_smoothing, reduction=reduction)
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         p = self.tok_embeddings.weight

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llm.data.errors import DataError
-from llm.data.loader import PackedLoader, ValidationLoader, build_train_loader, build_val_loader
+from llm.data.loader import PackedLoader, build_train_loader
 from llm.data.shards import HEADER, MANIFEST, PackedSplit, write_manifest
 from tests.data.conftest import data_config, flip_byte
 
@@ -155,25 +155,6 @@ def test_document_masking(packed, loaded_tokenizer):
         assert cu.tolist() == expected_bounds + [B * T]
         assert batch["max_seqlen"] == int(torch.diff(cu).max())
     assert inner_starts > 5  # the rows did contain document boundaries
-
-
-def test_validation_loader_is_deterministic(packed):
-    cfg = data_config(packed, seq_len=16)
-    val = build_val_loader(cfg, micro_batch_size=2, max_batches=4)
-    assert len(val) == 4
-    first, second = list(val), list(val)
-    for a, b in zip(first, second, strict=True):
-        torch.testing.assert_close(a["input_ids"], b["input_ids"])
-    split = PackedSplit(packed, "val")
-    np.testing.assert_array_equal(first[0]["input_ids"][1].numpy(), split.read(16, 16))  # stored order
-    ranks = [list(ValidationLoader(cfg, 1, r, 2, max_batches=4)) for r in range(2)]
-    for step in range(4):
-        merged = torch.cat([ranks[0][step]["input_ids"], ranks[1][step]["input_ids"]])
-        torch.testing.assert_close(merged, first[step]["input_ids"])
-    everything = ValidationLoader(cfg, 2)
-    assert len(everything) == ((split.num_tokens - 1) // 16) // 2
-    with pytest.raises(DataError, match="fewer than one global batch"):
-        ValidationLoader(cfg, 10**6)
 
 
 @pytest.fixture

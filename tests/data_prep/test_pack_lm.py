@@ -47,6 +47,10 @@ def test_round_trip_split_and_manifest(tmp_path, tiny_corpus, tiny_tokenizer, ti
     assert manifest["tokenizer"]["vocab_size"] == 512
     assert manifest["sources"] == [{"path": str(tiny_corpus.resolve()), "bytes": tiny_corpus.stat().st_size}]
     assert manifest["stats"]["documents_read"] == len(tiny_docs)
+    # UTF-8 bytes of each split's text (the corpus has non-ASCII), for bits per byte.
+    for split_name, docs in (("train", train), ("val", val)):
+        assert manifest["splits"][split_name]["text_bytes"] == sum(len(d.encode()) for d in docs)
+    assert sum(len(d.encode()) for d in tiny_docs) > sum(len(d) for d in tiny_docs)
     shards = manifest["splits"]["train"]["shards"]
     assert len(shards) > 2
     for shard in shards + manifest["splits"]["val"]["shards"]:
