@@ -15,8 +15,10 @@ OUTPUT.slices/slice-0000I, with every document in its train split (--val-fractio
   - re-cuts the token streams into shards of --shard-tokens at document boundaries, as one run would;
   - writes the manifest with the sources, options and summed statistics of one run.
 
-Empty documents are not stored, so a slice whose manifest counts some also records where they were
-(slice-0000I.empty.json, from re-reading that slice's files); the merge needs their positions to number the others.
+Each task then re-reads its slice's files (no tokenising) to record the UTF-8 bytes of every stored document
+(slice-0000I.bytes.npy: the merge sums them per split into the manifest's `text_bytes`, for bits per byte) and,
+since empty documents are not stored, where any were (slice-0000I.empty.json: the merge needs their positions to
+number the others).
 """
 
 from __future__ import annotations
@@ -89,17 +91,20 @@ def pack_slice(index: int, count: int, pack_argv: list[str]) -> int:
     if rc != 0:
         return rc
     manifest = read_manifest(part)
-    if manifest["stats"]["empty_documents_skipped"]:
-        # Where the skipped documents were, in the slice's numbering (the same reader and rule as pack_lm's).
-        empty, i = [], 0
-        for batch in iter_text_batches(files, args.text_column, 64, args.txt_unit, args.encoding_errors):
-            empty += [i + k for k, text in enumerate(batch) if not text]
-            i += len(batch)
-        stats = manifest["stats"]
-        if i != stats["documents_read"] or len(empty) != stats["empty_documents_skipped"]:
-            raise DataError(f"{part}: re-reading its files gave {i} documents ({len(empty)} empty), the manifest "
-                            f"says {stats['documents_read']} ({stats['empty_documents_skipped']})")
+    # Where the skipped documents were, in the slice's numbering (the same reader and rule as pack_lm's), and the
+    # UTF-8 bytes of each stored one (the merge sums them per split for the manifest's text_bytes).
+    empty, nbytes, i = [], [], 0
+    for batch in iter_text_batches(files, args.text_column, 64, args.txt_unit, args.encoding_errors):
+        empty += [i + k for k, text in enumerate(batch) if not text]
+        nbytes += [len(text.encode("utf-8", "replace")) for text in batch if text]
+        i += len(batch)
+    stats = manifest["stats"]
+    if i != stats["documents_read"] or len(empty) != stats["empty_documents_skipped"]:
+        raise DataError(f"{part}: re-reading its files gave {i} documents ({len(empty)} empty), the manifest "
+                        f"says {stats['documents_read']} ({stats['empty_documents_skipped']})")
+    if empty:
         Path(f"{part}.empty.json").write_text(json.dumps(empty))
+    np.save(f"{part}.bytes.npy", np.asarray(nbytes, dtype=np.int64))
     return 0
 
 
@@ -157,6 +162,7 @@ def merge(count: int, pack_argv: list[str]) -> int:
     writers = {split: ShardWriter(partial, split, dtype, args.shard_tokens) for split in SPLITS}
     val_key = split_key(args.seed)
     stats: dict[str, int] = {}
+    text_bytes = dict.fromkeys(SPLITS, 0)
     offset = 0  # global index of the slice's first document
     try:
         for p, m in zip(parts, manifests, strict=True):
@@ -168,11 +174,17 @@ def merge(count: int, pack_argv: list[str]) -> int:
                                 f"lists {len(empty)}; pack this slice again")
             kept = np.setdiff1d(np.arange(n_read, dtype=np.int64), np.asarray(empty, dtype=np.int64))
             is_val = unit_hash(val_key, offset + kept) < args.val_fraction
+            doc_bytes = np.load(f"{p}.bytes.npy")
+            if len(doc_bytes) != len(kept):
+                raise DataError(f"{p}: {p}.bytes.npy has {len(doc_bytes)} entries for {len(kept)} documents; pack "
+                                "this slice again")
+            text_bytes["train"] += int(doc_bytes[~is_val].sum())
+            text_bytes["val"] += int(doc_bytes[is_val].sum())
             _reshard(p, is_val, writers)
             offset += n_read
             for key, value in m["stats"].items():
                 stats[key] = stats.get(key, 0) + value
-        splits = {split: writer.close() for split, writer in writers.items()}
+        splits = {split: writer.close() | {"text_bytes": text_bytes[split]} for split, writer in writers.items()}
     except BaseException:
         for writer in writers.values():
             writer.abort()
