@@ -133,8 +133,8 @@ class OurLM(TemplateLM):
             ids = torch.zeros(len(chunk), width, dtype=torch.long)
             for b, i in enumerate(chunk):
                 ids[b, :len(rows[i][0])] = torch.tensor(rows[i][0])
-            logits = self.model(ids.to(self._device))
             yield
+            logits = self.model(ids.to(self._device))
             for b, i in enumerate(chunk):
                 inp, n, cont = rows[i]
                 logp = F.log_softmax(logits[b, len(inp) - n:len(inp)].float(), dim=-1)  # (n, V)
@@ -172,8 +172,8 @@ class OurLM(TemplateLM):
                 raise ValueError(f"the task generates up to {budget} tokens; the model's context is {self.max_length}")
             prompt = self.tok_encode(context)[-(self.max_length - budget):]
             cache = self.model.new_cache(1, len(prompt) + budget)
-            logits = self.model(torch.tensor([prompt], device=self._device), cache=cache)[0, -1]
             yield
+            logits = self.model(torch.tensor([prompt], device=self._device), cache=cache)[0, -1]
             tokens: list[int] = []
             while len(tokens) < budget:
                 token = int(logits.argmax())
@@ -183,14 +183,16 @@ class OurLM(TemplateLM):
                 text = self.tok_decode(tokens)
                 if any(stop and stop in text for stop in until) or len(tokens) == budget:
                     break
-                logits = self.model(torch.tensor([[token]], device=self._device), cache=cache)[0, -1]
                 yield
+                logits = self.model(torch.tensor([[token]], device=self._device), cache=cache)[0, -1]
             out.append(postprocess_generated_text(self.tok_decode(tokens), until, None))
         return out
 
     def _in_lockstep(self, work: Generator):
-        """Run `work` (a generator that yields after each forward) to its return value; in lockstep, keep every
-        rank's forwards in step (see the module's docstring)."""
+        """Run `work` (a generator that yields just before each forward) to its return value; in lockstep, keep
+        every rank's forwards in step (see the module's docstring): each round, the ranks agree (all-reduce) whether
+        any is still busy, then each runs one forward, its own or a one-token one, so the collectives inside the
+        forwards (ZeRO-3's parameter gathers) and the agreement alternate in the same order on every rank."""
         result, done = None, False
         while True:
             if not done:

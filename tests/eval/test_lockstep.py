@@ -2,6 +2,7 @@
 
 import json
 import socket
+from datetime import timedelta
 from types import SimpleNamespace
 
 import torch
@@ -17,13 +18,22 @@ def _worker(rank: int, port: int, tokenizer_dir: str, out: str, lockstep: bool) 
 
     from llm.eval.harness import OurLM
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
     try:
         torch.manual_seed(0)
         model = build_model(ModelConfig(vocab_size=512, d_model=32, n_layers=2, n_heads=2, d_ff=64,
                                         max_seq_len=64, attention="eager")).eval()
-        calls = []
-        model.register_forward_pre_hook(lambda module, args: calls.append(1))
+        calls, marks = [], []
+
+        def forward_starts(module, args):
+            calls.append(1)
+            if lockstep:  # a collective inside every forward, as ZeRO-3's parameter gather: all ranks must be here
+                mark = torch.tensor([1000])
+                dist.all_reduce(mark)
+                marks.append(int(mark))
+
+        model.register_forward_pre_hook(forward_starts)
         lm = OurLM(model, AutoTokenizer.from_pretrained(tokenizer_dir), batch_size=1, distributed=True,
                    lockstep=lockstep)
         # Uneven work: rank 0 one short request of each kind, rank 1 three long ones.
@@ -33,7 +43,7 @@ def _worker(rank: int, port: int, tokenizer_dir: str, out: str, lockstep: bool) 
         after_gen = len(calls)
         ll = lm._loglikelihood_tokens([(None, [5, 6, 7], [8 + i]) for i in range(n * 2)])
         with open(f"{out}/{rank}.json", "w") as f:
-            json.dump({"gen": gen, "ll": ll, "gen_calls": after_gen, "calls": len(calls)}, f)
+            json.dump({"gen": gen, "ll": ll, "gen_calls": after_gen, "calls": len(calls), "marks": marks}, f)
     finally:
         dist.destroy_process_group()
 
@@ -54,6 +64,8 @@ def test_lockstep_equalises_forwards_and_changes_no_result(tmp_path, packed_data
     assert [r["gen_calls"] for r in free] == [2, 18] and [r["calls"] for r in free] == [4, 24]
     # In lockstep rank 0 joins every forward of rank 1 (ZeRO-3 gathers parameters collectively in each).
     assert [r["gen_calls"] for r in locked] == [18, 18] and [r["calls"] for r in locked] == [24, 24]
+    # ... and each forward's collective met the other rank's forward, never the agreement's all-reduce.
+    assert all(r["marks"] == [2000] * 24 for r in locked)
     for a, b in zip(free, locked, strict=True):
         assert a["gen"] == b["gen"] and a["ll"] == b["ll"]
     assert len(locked[1]["gen"]) == 3 and all(locked[1]["gen"])
