@@ -90,11 +90,12 @@ def pin(batch: dict) -> dict:
     return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-class _Loader:
-    """Datasets, blend and batch geometry of a loader (the validation sample is `llm.eval.validation`'s)."""
+class PackedLoader:
+    """Training batches for one rank: an endless iterator; `state_dict()` says where it stands. (The validation
+    sample is `llm.eval.validation`'s.)"""
 
-    def __init__(self, cfg: DataConfig, micro_batch_size: int, rank: int, world_size: int, *, split: str,
-                 shuffle: bool, vocab_size: int | None):
+    def __init__(self, cfg: DataConfig, micro_batch_size: int, rank: int = 0, world_size: int = 1, *,
+                 vocab_size: int | None = None, split: str = "train"):
         if micro_batch_size <= 0 or world_size <= 0 or not 0 <= rank < world_size:
             raise ValueError(f"need micro_batch_size > 0 and 0 <= rank < world_size, got "
                              f"{micro_batch_size}, rank {rank}, world_size {world_size}")
@@ -102,7 +103,8 @@ class _Loader:
         self.vocab_size = vocab_size
         self.splits = open_splits(cfg, split, vocab_size)
         sizes = [(s.num_tokens - 1) // cfg.seq_len for s in self.splits]
-        self.blend = Blend(sizes, [e.weight for e in cfg.datasets], cfg.seed, shuffle=shuffle)
+        self.blend = Blend(sizes, [e.weight for e in cfg.datasets], cfg.seed)
+        self.epoch, self.consumed = 0, 0
 
     @property
     def global_batch_size(self) -> int:
@@ -118,15 +120,6 @@ class _Loader:
         datasets, samples = self.blend.locate(np.arange(first, first + self.micro_batch_size))
         return pin(make_batch(self.splits, datasets, samples, self.cfg.seq_len, self.cfg.document_masking,
                               self.vocab_size))
-
-
-class PackedLoader(_Loader):
-    """Training batches for one rank: an endless iterator; `state_dict()` says where it stands."""
-
-    def __init__(self, cfg: DataConfig, micro_batch_size: int, rank: int = 0, world_size: int = 1, *,
-                 vocab_size: int | None = None, split: str = "train"):
-        super().__init__(cfg, micro_batch_size, rank, world_size, split=split, shuffle=True, vocab_size=vocab_size)
-        self.epoch, self.consumed = 0, 0
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "consumed": self.consumed}

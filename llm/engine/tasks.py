@@ -25,7 +25,7 @@ from llm.config import ConfigError, RunConfig
 class LanguageModelling:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
-        self._harness = None
+        self._harness = self._tokenizer = None
 
     def build_model(self) -> torch.nn.Module:
         from llm.models import build_model
@@ -74,12 +74,14 @@ class LanguageModelling:
         """Validation loss (no label smoothing) per target token of the sampled windows, perplexity and bits per
         byte (`llm.eval.validation`); then the scores of train.eval_tasks. Every rank runs as many forwards (ZeRO-3's
         forward is collective)."""
+        from llm.eval.validation import IGNORE
+
         engine.eval()
         # [dataset, (summed loss, target tokens)]
         sums = torch.zeros(len(val_loader.splits), 2, device=accelerator.device, dtype=torch.float64)
         for batch in val_loader:
             sums[batch["dataset"], 0] += self._loss(engine, batch, accelerator.device, 0.0, "sum").double()
-            sums[batch["dataset"], 1] += int((batch["labels"] != -100).sum())
+            sums[batch["dataset"], 1] += int((batch["labels"] != IGNORE).sum())
         result = val_loader.summarise(accelerator.reduce(sums, reduction="sum").cpu())
         if self.cfg.train.eval_tasks:
             result |= self.task_scores(engine, accelerator)
@@ -90,7 +92,9 @@ class LanguageModelling:
         """train.eval_tasks with lm-evaluation-harness, requests sharded over the ranks ({} on ranks other than 0)."""
         from llm.eval.harness import OurLM
 
-        lm = OurLM(engine.module, self.tokenizer(), batch_size=self.cfg.train.micro_batch_size,
+        if self._tokenizer is None:
+            self._tokenizer = self.tokenizer()
+        lm = OurLM(engine.module, self._tokenizer, batch_size=self.cfg.train.micro_batch_size,
                    distributed=accelerator.num_processes > 1, lockstep=engine.zero_optimization_stage() == 3)
         return self._harness.scores(lm)
 
