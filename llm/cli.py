@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         os.environ.setdefault(name, "1")
     try:
-        return args.func(args)
+        code = args.func(args)
     except ConfigError as e:
         print(f"llm {args.command}: config error: {e}", file=sys.stderr)
         return 2
@@ -360,6 +360,11 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input (a missing checkpoint, an unsafe file, a failed verification): one clear line, no traceback.
         print(f"llm {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a launched worker, done: leave without teardown
+        from llm.engine.distributed import exit_worker
+
+        exit_worker(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -143,6 +145,9 @@ def make_accelerator(train: TrainConfig, grad_clip: float):
     _gloo_when_no_accelerator()
     precision = resolve_precision(train)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size % train.sequence_parallel:
+        raise ConfigError(f"train.sequence_parallel = {train.sequence_parallel} must divide the number of processes "
+                          f"({world_size})")
     ds = deepspeed_config(train, grad_clip, world_size, precision)
     plugin = DeepSpeedPlugin(hf_ds_config=ds)
     _default_group_timeout(timedelta(seconds=train.collective_timeout_s))
@@ -153,6 +158,26 @@ def make_accelerator(train: TrainConfig, grad_clip: float):
         raise RuntimeError(f"Accelerate sees {accelerator.num_processes} processes but the launcher started "
                            f"{world_size}; refusing to train with unsharded data")
     return accelerator, precision
+
+
+def sequence_parallel_group(size: int):
+    """This rank's sequence-parallel process group: consecutive ranks [0, size), [size, 2 size), ... (every rank
+    creates every group, in the same order); None for size 1.
+
+    DeepSpeed is not told: to its engine each rank is a data-parallel replica that contributes a gradient (the
+    task scales a slice's loss so that the average over all ranks is the right gradient), so ZeRO shards, reduces,
+    clips and checkpoints over all ranks exactly as without sequence parallelism. (Handing it the groups as an
+    `mpu` makes ZeRO-3's reduce-scatter average over the sequence-parallel ranks where ZeRO-2 sums them.)"""
+    import torch.distributed as dist
+
+    if size == 1:
+        return None
+    rank, mine = dist.get_rank(), None
+    for first in range(0, dist.get_world_size(), size):
+        group = dist.new_group(list(range(first, first + size)))
+        if first <= rank < first + size:
+            mine = group
+    return mine
 
 
 def write_deepspeed_config(accelerator, path: str) -> None:
@@ -166,6 +191,16 @@ def is_collective_timeout(error: BaseException) -> bool:
     caught collective operation timeout"; torch's DistBackendError wraps both)."""
     text = str(error).lower()
     return isinstance(error, (RuntimeError, TimeoutError)) and ("timed out" in text or "timeout" in text)
+
+
+def exit_worker(code: int) -> NoReturn:
+    """Leave a worker of a multi-process run, its work done and its process group down, without interpreter
+    teardown. Left to teardown, C++ destructors of communication objects still referenced from Python (gloo's,
+    DeepSpeed's groups) can abort a worker that has finished ("terminate called without an active exception",
+    SIGABRT), and the launcher then reports the whole run as failed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def is_main() -> bool:

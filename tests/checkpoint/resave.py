@@ -9,7 +9,7 @@ must come back exactly.
 import sys
 
 from llm.config import load_config
-from llm.engine.distributed import make_accelerator
+from llm.engine.distributed import exit_worker, make_accelerator
 from llm.engine.trainer import start
 
 cfg = load_config(sys.argv[1], sys.argv[3:])
@@ -20,3 +20,4 @@ try:
     accelerator.wait_for_everyone()
 finally:
     accelerator.end_training()
+exit_worker(0)
