@@ -329,6 +329,9 @@ class TrainConfig:
     init_from: str | None = None  # a transformers folder (Llama, Mistral, Qwen2, Qwen3) to continue pretraining from
     seed: int = 1234
     activation_checkpointing: bool = False
+    # Ulysses sequence parallelism: each sequence is split over this many consecutive ranks (attention all-to-alls
+    # heads for sequence); data parallelism runs over processes / sequence_parallel groups. 1: off.
+    sequence_parallel: int = 1
     compile: bool = False
     log_every: int = 10
     eval_every: int = 0  # 0: no periodic validation
@@ -351,7 +354,7 @@ class TrainConfig:
 
     def check(self, source: str, prefix: str = "train") -> None:
         for name in ("steps", "micro_batch_size", "grad_accum", "log_every", "eval_windows", "eval_batches",
-                     "keep_last"):
+                     "keep_last", "sequence_parallel"):
             if getattr(self, name) <= 0:
                 _fail(source, f"{prefix}.{name}", getattr(self, name), "must be positive")
         for name in ("eval_every", "save_every"):
@@ -409,6 +412,8 @@ class RunConfig:
         if self.task == "translation" and self.train.eval_tasks:
             _fail(source, "train.eval_tasks", self.train.eval_tasks,
                   "scores language models; translation runs report BLEU and chrF (data.bleu_sentences)")
+        if self.train.sequence_parallel > 1:
+            self._check_sequence_parallel(source)
         if self.task == "translation" and self.train.init_from:
             _fail(source, "train.init_from", self.train.init_from,
                   "imports a decoder-only model; translation runs start fresh")
@@ -419,6 +424,22 @@ class RunConfig:
             _fail(source, "data.seq_len", self.data.seq_len,
                   f"exceeds model.sliding_window = {self.model.sliding_window}: attention beyond the window is not "
                   "implemented (sequences up to the window are exact)")
+
+    def _check_sequence_parallel(self, source: str) -> None:
+        """What can be split N ways: the sequence (into equal slices) and the heads (each rank attends with 1/N of
+        the query heads; key/value heads are split too, or repeated when there are fewer than N)."""
+        n, key = self.train.sequence_parallel, "train.sequence_parallel"
+        if self.task != "lm":
+            _fail(source, key, n, "splits the sequences of language models; translation batches are sentences")
+        if self.data.seq_len % n:
+            _fail(source, key, n, f"must divide data.seq_len = {self.data.seq_len} (equal slices per rank)")
+        if self.model.n_heads % n:
+            _fail(source, key, n, f"must divide model.n_heads = {self.model.n_heads} (each rank attends with "
+                                  "n_heads / sequence_parallel heads)")
+        kv = self.model.kv_heads
+        if kv % n and n % kv:
+            _fail(source, key, n, f"and model.n_kv_heads = {kv}: one must divide the other (key/value heads are "
+                                  "split over the ranks, or repeated when there are fewer)")
 
 
 # --------------------------------------------------------------------------------------------------------------------

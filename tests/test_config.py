@@ -179,3 +179,21 @@ def test_model_init_from_takes_the_folders_model(tmp_path):
     transformers.GPT2Config().save_pretrained(tmp_path / "gpt2")
     with pytest.raises(ConfigError, match=r"gpt2/config.json: model_type 'gpt2' is not supported"):
         load_config(tmp_path / "run.yaml", [f"train.init_from={tmp_path}/gpt2"], model_of=model_section)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.sequence_parallel=3"], "train.sequence_parallel = 3: must divide data.seq_len = 128"),
+    (["train.sequence_parallel=8", "data.seq_len=256"], "train.sequence_parallel = 8: must divide model.n_heads = 4"),
+    (["model.d_model=192", "model.n_heads=12", "model.n_kv_heads=4", "train.sequence_parallel=3",
+      "data.seq_len=129"], "model.n_kv_heads = 4: one must divide the other"),
+    (["train.sequence_parallel=0"], "train.sequence_parallel = 0: must be positive"),
+])
+def test_sequence_parallel_is_checked_against_the_sequence_and_the_heads(tmp_path, overrides, message):
+    path = write(tmp_path, {"model": "tiny", "data": {"seq_len": 128}})
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(path, overrides)
+    assert load_config(path, ["train.sequence_parallel=4"]).train.sequence_parallel == 4  # 4 heads, 2 kv: repeated
+    translation = write(tmp_path, {"task": "translation", "model": "transformer-tiny", "data": {"path": "p"},
+                                   "train": {"sequence_parallel": 2}}, "mt.yaml")
+    with pytest.raises(ConfigError, match="train.sequence_parallel = 2: splits the sequences of language models"):
+        load_config(translation)

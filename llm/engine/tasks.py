@@ -26,6 +26,12 @@ class LanguageModelling:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self._harness = self._tokenizer = None
+        self.sp_group, self.sp_rank, self.sp_size = None, 0, 1
+
+    def use_sequence_parallel(self, group) -> None:
+        """Train on this rank's slice of every sequence of `group`'s shared batches (the model is told apart)."""
+        self.sp_group = group
+        self.sp_rank, self.sp_size = torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
 
     def build_model(self) -> torch.nn.Module:
         from llm.models import build_model
@@ -55,8 +61,18 @@ class LanguageModelling:
     def next_step(self, batches: Iterator[dict], accelerator) -> tuple[list[dict], int]:
         """The micro-batches of one optimizer step on this rank, and the step's tokens over all ranks."""
         t = self.cfg.train
-        return ([next(batches) for _ in range(t.grad_accum)],
-                t.micro_batch_size * t.grad_accum * accelerator.num_processes * self.cfg.data.seq_len)
+        replicas = accelerator.num_processes // self.sp_size  # a sequence-parallel group's tokens count once
+        return [next(batches) for _ in range(t.grad_accum)], t.micro_batch_size * t.grad_accum * replicas * \
+            self.cfg.data.seq_len
+
+    def _local(self, batch: dict) -> dict:
+        """This rank's slice of the batch's sequences under sequence parallelism; position ids and document lengths
+        stay whole (attention needs every boundary of the sequence). The batch itself otherwise."""
+        if self.sp_group is None:
+            return batch
+        n = batch["input_ids"].shape[1] // self.sp_size
+        part = slice(self.sp_rank * n, (self.sp_rank + 1) * n)
+        return batch | {k: batch[k][:, part] for k in ("input_ids", "labels")}
 
     def _loss(self, engine, batch: dict, device: torch.device, label_smoothing: float,
               reduction: str = "mean") -> torch.Tensor:
@@ -67,7 +83,16 @@ class LanguageModelling:
                       reduction=reduction)
 
     def loss(self, engine, batch: dict, device: torch.device, step_tokens: int) -> torch.Tensor:
-        return self._loss(engine, batch, device, self.cfg.label_smoothing)
+        if self.sp_group is None:
+            return self._loss(engine, batch, device, self.cfg.label_smoothing)
+        # A slice's summed loss over the whole sequences' targets, times N: DeepSpeed averages the gradients of all
+        # ranks, so a group's N slices sum to the gradient of its sequences' per-token mean, as without sequence
+        # parallelism; the mean of the N values is that mean loss too.
+        from llm.eval.validation import IGNORE
+
+        targets = int((batch["labels"] != IGNORE).sum())
+        summed = self._loss(engine, self._local(batch), device, self.cfg.label_smoothing, "sum")
+        return summed * (self.sp_size / max(targets, 1))
 
     @torch.no_grad()
     def evaluate(self, engine, val_loader, accelerator) -> dict:
@@ -79,7 +104,7 @@ class LanguageModelling:
         engine.eval()
         # [dataset, (summed loss, target tokens)]
         sums = torch.zeros(len(val_loader.splits), 2, device=accelerator.device, dtype=torch.float64)
-        for batch in val_loader:
+        for batch in map(self._local, val_loader):  # under sequence parallelism each slice counts its own
             sums[batch["dataset"], 0] += self._loss(engine, batch, accelerator.device, 0.0, "sum").double()
             sums[batch["dataset"], 1] += int((batch["labels"] != IGNORE).sum())
         result = val_loader.summarise(accelerator.reduce(sums, reduction="sum").cpu())
@@ -94,9 +119,14 @@ class LanguageModelling:
 
         if self._tokenizer is None:
             self._tokenizer = self.tokenizer()
-        lm = OurLM(engine.module, self._tokenizer, batch_size=self.cfg.train.micro_batch_size,
+        model = engine.module
+        lm = OurLM(model, self._tokenizer, batch_size=self.cfg.train.micro_batch_size,
                    distributed=accelerator.num_processes > 1, lockstep=engine.zero_optimization_stage() == 3)
-        return self._harness.scores(lm)
+        model.set_sequence_parallel(None)  # the harness's requests are sharded over every rank, whole sequences each
+        try:
+            return self._harness.scores(lm)
+        finally:
+            model.set_sequence_parallel(self.sp_group)
 
     def tokenizer(self):
         from transformers import AutoTokenizer

@@ -23,7 +23,8 @@ from llm.attention import describe
 from llm.checkpoint import Checkpointer, CheckpointError
 from llm.config import RunConfig, save_config
 from llm.engine.build import build_for_training
-from llm.engine.distributed import is_collective_timeout, make_accelerator, print0, write_deepspeed_config
+from llm.engine.distributed import (is_collective_timeout, make_accelerator, print0, sequence_parallel_group,
+                                    write_deepspeed_config)
 from llm.engine.metrics import Metrics, device_peak_tflops
 from llm.engine.optim import build_optimizer, lr_factor, set_lr
 from llm.engine.signals import PREEMPTED_EXIT_CODE, StopFlag, clear_preempted_marker, write_preempted_marker
@@ -95,9 +96,15 @@ def start(cfg: RunConfig, accelerator, precision: str) -> Run:
     if resume is not None and resume.universal:
         accelerator.state.deepspeed_plugin.deepspeed_config.setdefault("checkpoint", {})["load_universal"] = True
 
+    # Sequence parallelism: each group of `sp` consecutive ranks trains on the same samples, a slice each.
+    sp = cfg.train.sequence_parallel
+    sp_group = sequence_parallel_group(sp)
     task = make_task(cfg)
-    train_loader, val_loader = task.loaders(rank, world)  # first: bad data fails before the model is built
+    train_loader, val_loader = task.loaders(rank // sp, world // sp)  # first: bad data fails before the model
     model = build_for_training(task, cfg, accelerator)  # partitioned under ZeRO-3, same weights on any world size
+    if sp_group is not None:
+        model.set_sequence_parallel(sp_group)
+        task.use_sequence_parallel(sp_group)
     flops_per_token, flops_at = task.flops_per_token(model)
     n_params = model.num_params()
     if cfg.train.activation_checkpointing:
