@@ -22,7 +22,7 @@ def _model_of(folder: str) -> dict:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from llm.engine.memory import build_host_memory, model_state_memory
+    from llm.engine.memory import activation_memory, build_host_memory, model_state_memory
     from llm.models import build_model
 
     cfg = load_config(args.config, args.overrides, model_of=_model_of)
@@ -51,6 +51,15 @@ def _info(args: argparse.Namespace) -> int:
                  + ", ".join(f for f in features if f))
         at = f"at seq_len {seq_len}"
     params = model.num_params()
+    activations = None
+    if cfg.task == "lm":
+        sp, micro = args.sp or cfg.train.sequence_parallel, args.micro_batch or cfg.train.micro_batch_size
+        if sp < 1 or args.gpus % sp or m.n_heads % sp or seq_len % sp:
+            raise ConfigError(f"--sp {sp}: must divide --gpus ({args.gpus}), model.n_heads ({m.n_heads}) and the "
+                              f"sequence length ({seq_len})")
+        activations = {"sequence_parallel": sp, "micro_batch": micro, **{
+            name: activation_memory(m, seq_len, micro, sp, args.precision, checkpointing)
+            for name, checkpointing in (("without_checkpointing", False), ("with_checkpointing", True))}}
     flops = model.flops_per_token(seq_len)
     attention_flops = model.attention_flops_per_token(seq_len)
     stages = model_state_memory(params, model.largest_layer_params(), args.gpus, args.precision)
@@ -62,6 +71,7 @@ def _info(args: argparse.Namespace) -> int:
             "flops_per_token": flops, "gpus": args.gpus, "precision": args.precision,
             "model_states_bytes_per_gpu": {s.name: {"gpu": s.gpu_bytes, "cpu": s.cpu_bytes} for s in stages},
             "build_host_bytes_per_process": build, "largest_parameter": largest_param,
+            "activation_bytes_per_gpu": activations,
         }, indent=2))
         return 0
     print(f"config        {args.config}")
@@ -79,6 +89,14 @@ def _info(args: argparse.Namespace) -> int:
         if s.cpu_bytes:
             line += f"   + {s.cpu_bytes / GB:.2f} GB host memory per GPU"
         print(line)
+    if activations is not None:
+        sp, micro = activations["sequence_parallel"], activations["micro_batch"]
+        print(f"\nActivations per GPU, {args.precision}, micro-batch {micro} x {seq_len:,} tokens"
+              + (f", sequence parallel {sp} ({micro * seq_len // sp:,} tokens per GPU)" if sp > 1 else "")
+              + " (see llm/engine/memory.py):")
+        print(f"  {'without checkpointing':<22}{activations['without_checkpointing'] / GB:10.2f} GB")
+        print(f"  {'with checkpointing':<22}{activations['with_checkpointing'] / GB:10.2f} GB   "
+              "(train.activation_checkpointing)")
     print(f"\nHost memory per process to build the model ({args.gpus} process{'es' if args.gpus > 1 else ''}; "
           "before DeepSpeed's prepare, plus ~0.3 GB for torch and DeepSpeed):")
     print(f"  {'ZeRO-0/1/2':<22}{build['ZeRO-0/1/2'] / GB:10.2f} GB   the whole model in fp32 on every process")
@@ -223,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "data.seq_len of a run config; model.max_seq_len of a model preset; "
                       f"{TRANSLATION_INFO_LEN} for a translation model)")
     info.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    info.add_argument("--sp", type=int, default=None, help="sequence-parallel size for the activation memory "
+                      "(default: train.sequence_parallel of a run config, else 1); --gpus counts all GPUs")
+    info.add_argument("--micro-batch", type=int, default=None, help="sequences per GPU per forward for the "
+                      "activation memory (default: train.micro_batch_size of a run config; 1 for a model preset)")
     info.add_argument("--json", action="store_true", help="print the figures as JSON")
     info.set_defaults(func=_info)
 

@@ -143,3 +143,17 @@ def test_info_on_the_published_model_presets(preset, shape, capsys):
     assert main(["info", preset, "--gpus", "8", "--seq-len", "4096"]) == 0
     out = capsys.readouterr().out
     assert shape in out and "ZeRO-3" in out and "parameters" in out
+
+
+def test_info_prints_activation_memory_for_a_sequence_parallel_size():
+    out = llm("info", "1b", "--gpus", "8", "--seq-len", "131072", "--sp", "8", "--micro-batch", "1")
+    assert out.returncode == 0, out.stderr
+    assert "sequence parallel 8 (16,384 tokens per GPU)" in out.stdout
+    data = json.loads(llm("info", "1b", "--gpus", "8", "--seq-len", "131072", "--sp", "8", "--micro-batch", "1",
+                          "--json").stdout)["activation_bytes_per_gpu"]
+    one = json.loads(llm("info", "1b", "--gpus", "8", "--seq-len", "131072", "--sp", "1", "--micro-batch", "1",
+                         "--json").stdout)["activation_bytes_per_gpu"]
+    assert data["without_checkpointing"] == pytest.approx(one["without_checkpointing"] / 8)
+    assert data["with_checkpointing"] < data["without_checkpointing"] / 4
+    bad = llm("info", "1b", "--gpus", "6", "--sp", "4")
+    assert bad.returncode == 2 and "--sp 4: must divide --gpus (6)" in bad.stderr

@@ -6,7 +6,8 @@ partitions the optimizer state over the N data-parallel GPUs, ZeRO-2 the gradien
 ZeRO-3 also gathers a whole layer's weights (and reduces its gradients) at a time: we add 4 bytes per parameter of
 the largest single module, as DeepSpeed's own estimator does. In pure fp32 training the split is 4 + 4 + 8.
 
-Not included: activations (they depend on micro batch, sequence length and checkpointing), the CUDA context
+Not included here: activations (below: they depend on micro batch, sequence length, sequence parallelism and
+checkpointing), the CUDA context
 (~0.5-1 GB), communication buckets and allocator fragmentation. DeepSpeed's `estimate_zero*_model_states_mem_needs`
 also counts an fp32 gradient copy (18 bytes per parameter) and a 1.5x CPU buffer factor, so it reads higher.
 
@@ -19,6 +20,28 @@ parameters are offloaded (`offload_param`) or training runs on the CPU. Not coun
 imported torch, DeepSpeed and Accelerate, and what `prepare` allocates next (on the CPU, in fp32, under ZeRO-3: a
 contiguous copy of the partitions, an fp32 master copy and a gradient buffer, ~12 more bytes x params / N, measured
 in docs/BENCHMARKS.md).
+
+Activations (`activation_memory`): the bytes autograd keeps for the backward of one micro-batch of a decoder, per
+GPU. Under sequence parallelism of N a GPU holds the activations of its slice of each sequence, micro_batch x seq_len
+/ N tokens (attention sees the whole sequence but 1/N of the heads: the same number of values). Per token and layer,
+with p bytes per element of the training dtype (2 in bf16), d = d_model, dq and dkv the widths of all query and all
+key/value heads, f the feed-forward hidden size:
+
+    2 x (4 d + p d)        each RMSNorm: its input in fp32 and its normalised output
+  + 2 x p d                the inputs of the q/k/v and gate/up projections
+  + p (dq + 2 dkv)         the q/k/v projection's output (attention keeps its v)
+  + 4 (dq + dkv)           RoPE's fp32 copies of q and k (none in fp32 training: they are the output above)
+  + p (dq + dkv)           the rotated q and k, which attention keeps
+  + p dq + 4 heads         attention's output (also the output projection's input) and log-sum-exp (flash kernels
+                           keep no score matrix)
+  + 4 p f                  SwiGLU: gate/up output (2f), silu(gate), the down projection's input
+  (+ (4 + p)(dq + dkv)     with q/k norms)
+
+and once per token the final norm and the output head's input (4 d + 2 p d); the chunked loss head keeps no logits.
+With activation checkpointing each layer keeps only its input (p d per token) and one layer at a time is recomputed
+with its full activations during the backward. Not counted: transient buffers (the all-to-alls', a loss chunk's
+logits), allocator fragmentation, and what does not grow with the tokens. tests/engine/test_memory.py checks it per
+token against the storages autograd saves (fp32, on the CPU).
 """
 
 from __future__ import annotations
@@ -59,3 +82,21 @@ def build_host_memory(params: int, largest_param: int, processes: int, precision
         raise ValueError(f"processes = {processes}: must be at least 1")
     weight = 2 if precision == "bf16" else 4  # zero.Init creates the parameters in the training dtype
     return {"ZeRO-0/1/2": 4.0 * params, "ZeRO-3": weight * (params / processes + largest_param)}
+
+
+def activation_memory(model, seq_len: int, micro_batch: int = 1, sequence_parallel: int = 1,
+                      precision: str = "bf16", checkpointing: bool = False) -> float:
+    """Bytes per GPU that autograd keeps for the backward of one micro-batch of a decoder (`model`: its
+    ModelConfig), as the module docstring counts them."""
+    if precision not in BYTES:
+        raise ValueError(f"precision {precision!r}: expected one of {', '.join(BYTES)}")
+    p = 2 if precision == "bf16" else 4
+    d, dq, dkv, f = model.d_model, model.n_heads * model.head_dim, model.kv_heads * model.head_dim, model.ffn_hidden
+    layer = (2 * (4 * d + p * d) + 2 * p * d + p * (dq + 2 * dkv) + (4 * (dq + dkv) if p != 4 else 0)
+             + p * (dq + dkv) + p * dq + 4 * model.n_heads + 4 * p * f)
+    if model.qk_norm:
+        layer += (4 + p) * (dq + dkv)
+    tokens = micro_batch * seq_len / sequence_parallel
+    kept = p * d if checkpointing else layer  # per layer
+    recomputed = layer if checkpointing else 0  # one layer's, during the backward
+    return tokens * (model.n_layers * kept + recomputed + 4 * d + 2 * p * d)
