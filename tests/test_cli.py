@@ -153,7 +153,7 @@ def test_info_prints_activation_memory_for_a_sequence_parallel_size():
                           "--json").stdout)["activation_bytes_per_gpu"]
     one = json.loads(llm("info", "1b", "--gpus", "8", "--seq-len", "131072", "--sp", "1", "--micro-batch", "1",
                          "--json").stdout)["activation_bytes_per_gpu"]
-    assert data["without_checkpointing"] == pytest.approx(one["without_checkpointing"] / 8)
+    assert data["without_checkpointing"] == pytest.approx(one["without_checkpointing"] / 8, rel=0.03)
     assert data["with_checkpointing"] < data["without_checkpointing"] / 4
     bad = llm("info", "1b", "--gpus", "6", "--sp", "4")
     assert bad.returncode == 2 and "--sp 4: must divide --gpus (6)" in bad.stderr

@@ -29,11 +29,12 @@ key/value heads, f the feed-forward hidden size:
 
     2 x (4 d + p d)        each RMSNorm: its input in fp32 and its normalised output
   + 2 x p d                the inputs of the q/k/v and gate/up projections
-  + p (dq + 2 dkv)         the q/k/v projection's output (attention keeps its v)
-  + 4 (dq + dkv)           RoPE's fp32 copies of q and k (none in fp32 training: they are the output above)
-  + p (dq + dkv)           the rotated q and k, which attention keeps
-  + p dq + 4 heads         attention's output (also the output projection's input) and log-sum-exp (flash kernels
-                           keep no score matrix)
+  + p (dq + 2 dkv)         the q/k/v projection's output (attention keeps its v); under sequence parallelism the
+                           all-to-all's q, k, v instead
+  + p (dq + dkv)           the rotated q and k, which attention keeps (none under sequence parallelism: the
+                           all-to-all's are the ones above)
+  + p dq + 4 heads         attention's output and log-sum-exp (flash kernels keep no score matrix)
+  (+ p dq                  under sequence parallelism: the output projection's input, the all-to-all's output)
   + 4 p f                  SwiGLU: gate/up output (2f), silu(gate), the down projection's input
   (+ (4 + p)(dq + dkv)     with q/k norms)
 
@@ -41,7 +42,7 @@ and once per token the final norm and the output head's input (4 d + 2 p d); the
 With activation checkpointing each layer keeps only its input (p d per token) and one layer at a time is recomputed
 with its full activations during the backward. Not counted: transient buffers (the all-to-alls', a loss chunk's
 logits), allocator fragmentation, and what does not grow with the tokens. tests/engine/test_memory.py checks it per
-token against the storages autograd saves (fp32, on the CPU).
+token against the storages autograd saves (fp32 and bf16, on the CPU).
 """
 
 from __future__ import annotations
@@ -92,8 +93,8 @@ def activation_memory(model, seq_len: int, micro_batch: int = 1, sequence_parall
         raise ValueError(f"precision {precision!r}: expected one of {', '.join(BYTES)}")
     p = 2 if precision == "bf16" else 4
     d, dq, dkv, f = model.d_model, model.n_heads * model.head_dim, model.kv_heads * model.head_dim, model.ffn_hidden
-    layer = (2 * (4 * d + p * d) + 2 * p * d + p * (dq + 2 * dkv) + (4 * (dq + dkv) if p != 4 else 0)
-             + p * (dq + dkv) + p * dq + 4 * model.n_heads + 4 * p * f)
+    attention = p * (dq + 2 * dkv) + (p * dq if sequence_parallel > 1 else p * (dq + dkv)) + p * dq + 4 * model.n_heads
+    layer = 2 * (4 * d + p * d) + 2 * p * d + attention + 4 * p * f
     if model.qk_norm:
         layer += (4 + p) * (dq + dkv)
     tokens = micro_batch * seq_len / sequence_parallel

@@ -33,11 +33,12 @@ class ExportVerificationError(RuntimeError):
 
 
 def check_same_shape(ours: ModelConfig, theirs: ModelConfig, where: str) -> None:
-    """The run's model section must describe the model being loaded (the attention backend may differ)."""
+    """The run's model section must describe the model being loaded (the attention backend may differ, and the
+    context length: continuing at a longer one is how a model's context is extended)."""
     same_as = {"d_ff": "ffn_hidden", "n_kv_heads": "kv_heads", "d_head": "head_dim", "family": "export_family"}
     diffs = [f"model.{f.name}: {where} has {getattr(theirs, f.name)!r}, the config {getattr(ours, f.name)!r}"
              for f in dataclasses.fields(ModelConfig)
-             if f.name not in ("attention", "init_std", "ffn_multiple_of") and getattr(ours, f.name) !=
+             if f.name not in ("attention", "init_std", "ffn_multiple_of", "max_seq_len") and getattr(ours, f.name) !=
              getattr(theirs, f.name) and not (f.name in same_as and getattr(ours, same_as[f.name]) ==
                                               getattr(theirs, same_as[f.name]))]
     if diffs:

@@ -99,6 +99,11 @@ def test_continue_pretraining_from_an_export(trained, packed_data, tmp_path):
     assert first < scratch - 1.0  # starts where the exported model was, not from scratch
     bad = run_train(config, 1, ["model.tie_embeddings=false", "model.n_layers=2"])
     assert bad.returncode == 1 and "model.n_layers: " in bad.stderr
+    # A longer context than the folder's is a continuation at long context, not a different model.
+    longer = run_train(config, 1, ["model.tie_embeddings=false", "model.max_seq_len=1024", "data.seq_len=128",
+                                   f"train.output_dir={tmp_path / 'long'}"])
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert losses(tmp_path / "long")[1] < scratch - 1.0
 
 
 # ---- continued pretraining of each family: import -> 20 steps on two processes (ZeRO-2) -> export ----------------
