@@ -4,7 +4,7 @@ against SP=1 on one, the same sequences, side by side in one run.
 Each case runs in fresh processes (two under gloo, the all-to-alls included, for SP=2): every rank builds the model
 (`llm.models.decoder.Decoder`, fp32, attention `sdpa`, the trainer's model), makes the batch, takes its resident
 memory as the baseline, then runs one forward + backward of its slice of the sequences as `llm train` does
-(`set_sequence_parallel`, the loss summed over the slice). Reported per rank:
+(`llm.engine.sequence`, the loss summed over the slice). Reported per rank:
 
 - peak: `ru_maxrss` after the backward minus the resident memory before the forward, the weights' gradients
   already allocated (the kernel's true high-water mark: activations, their gradients, the all-to-all buffers,
@@ -72,12 +72,16 @@ def worker(rank: int, args: argparse.Namespace, sp: int, store: str, out: str) -
         from llm.engine.trainer import apply_activation_checkpointing
 
         apply_activation_checkpointing(model)
-    model.set_sequence_parallel(group)
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, args.vocab, (args.micro_batch, args.seq_len), generator=g)
-    labels = torch.randint(0, args.vocab, (args.micro_batch, args.seq_len), generator=g)
-    part = slice(rank * args.seq_len // sp, (rank + 1) * args.seq_len // sp)
-    ids, labels = ids[:, part].contiguous(), labels[:, part].contiguous()
+    batch = {"input_ids": torch.randint(0, args.vocab, (args.micro_batch, args.seq_len), generator=g),
+             "labels": torch.randint(0, args.vocab, (args.micro_batch, args.seq_len), generator=g), "offset": 0}
+    if group is not None:
+        from llm.engine.sequence import SequenceParallel
+
+        sequence = SequenceParallel(group)
+        sequence.apply(model)
+        batch = sequence.local(batch)
+    ids, labels, offset = batch["input_ids"].contiguous(), batch["labels"].contiguous(), batch["offset"]
     if group is not None:
         torch.distributed.barrier(group)
     saved: dict[int, int] = {}
@@ -93,7 +97,7 @@ def worker(rank: int, args: argparse.Namespace, sp: int, store: str, out: str) -
     baseline = current_bytes()
     start = time.perf_counter()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(ids, labels=labels, reduction="sum")
+        loss = model(ids, labels=labels, reduction="sum", offset=offset)
     loss.backward()
     seconds = time.perf_counter() - start
     result = {"rank": rank, "peak": peak_bytes() - baseline, "saved": sum(saved.values()), "seconds": seconds,

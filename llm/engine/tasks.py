@@ -26,12 +26,11 @@ class LanguageModelling:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self._harness = self._tokenizer = None
-        self.sp_group, self.sp_rank, self.sp_size = None, 0, 1
+        self.sequence = None  # llm.engine.sequence.SequenceParallel
 
-    def use_sequence_parallel(self, group) -> None:
-        """Train on this rank's slice of every sequence of `group`'s shared batches (the model is told apart)."""
-        self.sp_group = group
-        self.sp_rank, self.sp_size = torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
+    def use_sequence_parallel(self, sequence) -> None:
+        """Train on this rank's slice of every sequence of its group's shared batches (`SequenceParallel`)."""
+        self.sequence = sequence
 
     def build_model(self) -> torch.nn.Module:
         from llm.models import build_model
@@ -61,18 +60,13 @@ class LanguageModelling:
     def next_step(self, batches: Iterator[dict], accelerator) -> tuple[list[dict], int]:
         """The micro-batches of one optimizer step on this rank, and the step's tokens over all ranks."""
         t = self.cfg.train
-        replicas = accelerator.num_processes // self.sp_size  # a sequence-parallel group's tokens count once
+        replicas = accelerator.num_processes // self.cfg.train.sequence_parallel  # a group's tokens count once
         return [next(batches) for _ in range(t.grad_accum)], t.micro_batch_size * t.grad_accum * replicas * \
             self.cfg.data.seq_len
 
     def _local(self, batch: dict) -> dict:
-        """This rank's slice of the batch's sequences under sequence parallelism; position ids and document lengths
-        stay whole (attention needs every boundary of the sequence). The batch itself otherwise."""
-        if self.sp_group is None:
-            return batch
-        n = batch["input_ids"].shape[1] // self.sp_size
-        part = slice(self.sp_rank * n, (self.sp_rank + 1) * n)
-        return batch | {k: batch[k][:, part] for k in ("input_ids", "labels")}
+        """This rank's slice of the batch under sequence parallelism; the batch itself otherwise."""
+        return batch if self.sequence is None else self.sequence.local(batch)
 
     def _loss(self, engine, batch: dict, device: torch.device, label_smoothing: float,
               reduction: str = "mean") -> torch.Tensor:
@@ -80,10 +74,10 @@ class LanguageModelling:
         inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "position_ids", "cu_seqlens",
                                                                        "labels") if k in batch}
         return engine(**inputs, max_seqlen=batch.get("max_seqlen"), label_smoothing=label_smoothing,
-                      reduction=reduction)
+                      reduction=reduction, offset=batch.get("offset", 0))
 
     def loss(self, engine, batch: dict, device: torch.device, step_tokens: int) -> torch.Tensor:
-        if self.sp_group is None:
+        if self.sequence is None:
             return self._loss(engine, batch, device, self.cfg.label_smoothing)
         # A slice's summed loss over the whole sequences' targets, times N: DeepSpeed averages the gradients of all
         # ranks, so a group's N slices sum to the gradient of its sequences' per-token mean, as without sequence
@@ -92,7 +86,7 @@ class LanguageModelling:
 
         targets = int((batch["labels"] != IGNORE).sum())
         summed = self._loss(engine, self._local(batch), device, self.cfg.label_smoothing, "sum")
-        return summed * (self.sp_size / max(targets, 1))
+        return summed * (self.sequence.size / max(targets, 1))
 
     @torch.no_grad()
     def evaluate(self, engine, val_loader, accelerator) -> dict:
@@ -122,11 +116,13 @@ class LanguageModelling:
         model = engine.module
         lm = OurLM(model, self._tokenizer, batch_size=self.cfg.train.micro_batch_size,
                    distributed=accelerator.num_processes > 1, lockstep=engine.zero_optimization_stage() == 3)
-        model.set_sequence_parallel(None)  # the harness's requests are sharded over every rank, whole sequences each
+        if self.sequence is None:
+            return self._harness.scores(lm)
+        self.sequence.remove(model)  # the harness's requests are sharded over every rank, whole sequences each
         try:
             return self._harness.scores(lm)
         finally:
-            model.set_sequence_parallel(self.sp_group)
+            self.sequence.apply(model)
 
     def tokenizer(self):
         from transformers import AutoTokenizer

@@ -103,8 +103,11 @@ def start(cfg: RunConfig, accelerator, precision: str) -> Run:
     train_loader, val_loader = task.loaders(rank // sp, world // sp)  # first: bad data fails before the model
     model = build_for_training(task, cfg, accelerator)  # partitioned under ZeRO-3, same weights on any world size
     if sp_group is not None:
-        model.set_sequence_parallel(sp_group)
-        task.use_sequence_parallel(sp_group)
+        from llm.engine.sequence import SequenceParallel
+
+        sequence = SequenceParallel(sp_group)
+        sequence.apply(model)
+        task.use_sequence_parallel(sequence)
     flops_per_token, flops_at = task.flops_per_token(model)
     n_params = model.num_params()
     if cfg.train.activation_checkpointing:

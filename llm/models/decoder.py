@@ -40,7 +40,6 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.qk_norm = cfg.qk_norm
         self.attend = get_attention(cfg.attention)
-        self.__dict__["sequence_parallel"] = None  # not a submodule: set_sequence_parallel's all-to-all wrapper
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, docs: DocumentMask | None,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
@@ -55,23 +54,8 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_heads, hd)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, cached + T, n_kv_heads, hd)
-        if self.sequence_parallel is not None:  # T is this rank's slice: all-to-all to every position, 1/N heads
-            out = self.sequence_parallel(q, k, v, 0, None, causal=True, docs=docs)
-        else:
-            out = self.attend(q, k, v, causal=True, docs=docs)  # (B, T, n_heads, hd), queries aligned to the end
+        out = self.attend(q, k, v, causal=True, docs=docs)  # (B, T, n_heads, hd), queries aligned to the end
         return self.wo(out.reshape(B, T, self.n_heads * hd))
-
-
-class _RepeatKV:
-    """Fewer key/value heads than sequence-parallel ranks: each is repeated so that every rank gets one (the
-    query heads of rank r still read their own group's keys and values)."""
-
-    def __init__(self, attention, repeat: int):
-        self.attention, self.repeat = attention, repeat
-
-    def __call__(self, q, k, v, batch_dim, rotary, **kwargs):
-        k, v = (t.repeat_interleave(self.repeat, dim=2) for t in (k, v))
-        return self.attention(q, k, v, batch_dim, rotary, **kwargs)
 
 
 class Block(nn.Module):
@@ -100,7 +84,6 @@ class Decoder(nn.Module):
             self.output = OutputHead(cfg.d_model, cfg.vocab_size)  # an nn.Linear that can also return the loss
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.__dict__["sp_group"] = None  # set_sequence_parallel
         if initialise:
             self.init_weights()
 
@@ -127,29 +110,10 @@ class Decoder(nn.Module):
         drawn from torch's global generator."""
         init_parameters(self, self.init_rules(), seed, threads)
 
-    def set_sequence_parallel(self, group) -> None:
-        """Ulysses sequence parallelism over process `group` (None: off). Each rank then runs its slice of every
-        sequence (`forward`); attention all-to-alls its slice of q, k, v for 1/N of the heads over the whole
-        sequence (DeepSpeed's DistributedAttention), attends, and all-to-alls back. Key/value heads fewer than N
-        are repeated up to N first. Training state only: nothing of it is saved or exported."""
-        from deepspeed.sequence.layer import DistributedAttention
-
-        self.__dict__["sp_group"] = group
-        for block in self.layers:
-            attention = block.attention
-            wrapper = None
-            if group is not None:
-                # (B, T/N, H, D) -> scatter the heads (dim 2), gather the sequence (dim 1) -> (B, T, H/N, D)
-                wrapper = DistributedAttention(attention.attend, group, scatter_idx=2, gather_idx=1)
-                repeat = torch.distributed.get_world_size(group) // attention.n_kv_heads
-                if repeat > 1:
-                    wrapper = _RepeatKV(wrapper, repeat)
-            attention.__dict__["sequence_parallel"] = wrapper
-
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
                 cache: KVCache | None = None, labels: torch.Tensor | None = None,
-                label_smoothing: float = 0.0, reduction: Reduction = "mean") -> torch.Tensor:
+                label_smoothing: float = 0.0, reduction: Reduction = "mean", offset: int = 0) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab_size); with `labels` (B, T), the mean (or summed: `reduction`)
         cross-entropy instead (fp32 scalar; labels of -100 ignored), computed chunk by chunk without the full logits
         (`llm.models.loss`).
@@ -158,29 +122,25 @@ class Decoder(nn.Module):
         their own document (`cu_seqlens`/`max_seqlen` may be passed along when the loader already has them).
         With a `cache`, input_ids continue the cached positions (incremental decoding) and the cache advances.
 
-        Under sequence parallelism (`set_sequence_parallel`) input_ids and labels are this rank's slice of the
-        sequences (rank r of N holds positions [r T/N, (r+1) T/N)); `position_ids`, when given, cover the whole
-        sequences (B, T), so that every rank knows all the document boundaries.
+        A slice of longer sequences (sequence parallelism, `llm.engine.sequence`): input_ids and labels are positions
+        [offset, offset + T) of them, and `position_ids`, when given, cover the whole sequences, so that the document
+        boundaries are known for every position (attention, wrapped to see the whole sequences, needs them).
         """
         B, T = input_ids.shape
-        start = cache.length if cache is not None else 0
-        rank, n = self._sequence_rank()
-        if n > 1 and cache is not None:
-            raise ValueError("sequence parallelism is for training; decoding with a cache runs without it")
-        first = start + rank * T  # this slice's first position (start without sequence parallelism)
-        if start + T * n > self.cfg.context:
+        start = cache.length if cache is not None else offset
+        length = start + T if position_ids is None else max(start + T, position_ids.shape[1])
+        if length > self.cfg.context:
             limit = "max_seq_len" if self.cfg.context == self.cfg.max_seq_len else "sliding_window (attention " \
                     "beyond the window is not implemented)"
-            raise ValueError(f"sequence length {start + T * n} exceeds model.{limit} = {self.cfg.context}")
+            raise ValueError(f"sequence length {length} exceeds model.{limit} = {self.cfg.context}")
         docs = None
         if position_ids is None:
-            position_ids = torch.arange(first, first + T, device=input_ids.device)[None]  # (1, T)
+            position_ids = torch.arange(start, start + T, device=input_ids.device)[None]  # (1, T)
         elif cache is not None:
             raise ValueError("document boundaries (position_ids) are for training; decoding with a cache takes none")
         else:
-            docs = DocumentMask.from_position_ids(position_ids, cu_seqlens, max_seqlen)
-            if n > 1:  # the boundaries are the whole sequence's; the rotations this slice's
-                position_ids = position_ids[:, first:first + T]
+            docs = DocumentMask.from_position_ids(position_ids, cu_seqlens, max_seqlen)  # of the whole sequences
+            position_ids = position_ids[:, offset:offset + T]  # this slice's (all of them without an offset)
         # (B or 1, T, head_dim / 2) complex
         rope = rope_rotations(self.cfg.head_dim, self.cfg.rope_theta, position_ids, self.cfg.rope_scaling)
         x = self.tok_embeddings(input_ids)  # (B, T, d_model)
@@ -190,12 +150,6 @@ class Decoder(nn.Module):
             cache.advance(T)
         # logits (B, T, vocab_size), or with labels the loss (); inside the head's forward for ZeRO-3 (loss.py)
         return self.output(self.norm(x), labels, label_smoothing=label_smoothing, reduction=reduction)
-
-    def _sequence_rank(self) -> tuple[int, int]:
-        """(rank in the sequence-parallel group, its size); (0, 1) without sequence parallelism."""
-        if self.sp_group is None:
-            return 0, 1
-        return torch.distributed.get_rank(self.sp_group), torch.distributed.get_world_size(self.sp_group)
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         p = self.tok_embeddings.weight
