@@ -119,7 +119,10 @@ def _config(tmp_path, data, sp: int, **train):
 
 @pytest.mark.parametrize("stage,masking", [(2, False), (3, True)], ids=["zero2", "zero3-document-masking"])
 def test_two_ranks_split_the_sequence_and_match_one_process(packed_data, tmp_path, stage, masking):
-    train = dict(zero_stage=stage, eval_every=5, eval_windows=6)
+    from llm.eval.cloze import write_cloze_task
+
+    cloze, _ = write_cloze_task(packed_data, tmp_path / "cloze", examples=12)  # lm-eval: whole sequences per rank
+    train = dict(zero_stage=stage, eval_every=5, eval_windows=6, eval_tasks=[str(cloze)])
     overrides = [f"data.document_masking={str(masking).lower()}"]
     one = _config(tmp_path / "one", packed_data, 1, **train)
     assert run_train(one, 1, overrides).returncode == 0
@@ -133,6 +136,9 @@ def test_two_ranks_split_the_sequence_and_match_one_process(packed_data, tmp_pat
         assert sorted(got) == sorted(expected) == (list(range(1, STEPS + 1)) if split == "train" else [5, 10])
         for step, loss in expected.items():
             assert got[step] == pytest.approx(loss, rel=1e-5), (split, step, got[step], loss)
+    scores = [[json.loads(line)["cloze/acc"] for line in (tmp_path / f"{run}/run/metrics.jsonl").read_text()
+               .splitlines() if "cloze/acc" in line] for run in ("one", "two")]
+    assert len(scores[0]) == 2 and scores[1] == pytest.approx(scores[0], abs=1e-9), scores
     # Tokens are counted once per sequence-parallel group: the same tokens as the one-process run.
     last = [json.loads(line) for line in (tmp_path / "two/run/metrics.jsonl").read_text().splitlines()
             if json.loads(line).get("split") == "train"][-1]
