@@ -170,7 +170,8 @@ def main() -> None:
               f"{s['saved'] / MB:>10,.0f}{s['formula'] / MB:>12,.0f}{s['seconds']:>8.1f}   "
               + " ".join(f"{x / MB:,.0f}" for x in worst))
     print(f"SP=2 / SP=1 per rank: peak {summary[2]['peak'] / summary[1]['peak']:.2f}x, saved "
-          f"{summary[2]['saved'] / summary[1]['saved']:.2f}x, formula {summary[2]['formula'] / summary[1]['formula']:.2f}x;"
+          f"{summary[2]['saved'] / summary[1]['saved']:.2f}x, formula "
+          f"{summary[2]['formula'] / summary[1]['formula']:.2f}x;"
           f" summed loss {summary[2]['loss']:.4f} vs {summary[1]['loss']:.4f}")
 
 

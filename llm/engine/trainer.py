@@ -23,8 +23,13 @@ from llm.attention import describe
 from llm.checkpoint import Checkpointer, CheckpointError
 from llm.config import RunConfig, save_config
 from llm.engine.build import build_for_training
-from llm.engine.distributed import (is_collective_timeout, make_accelerator, print0, sequence_parallel_group,
-                                    write_deepspeed_config)
+from llm.engine.distributed import (
+    is_collective_timeout,
+    make_accelerator,
+    print0,
+    sequence_parallel_group,
+    write_deepspeed_config,
+)
 from llm.engine.metrics import Metrics, device_peak_tflops
 from llm.engine.optim import build_optimizer, lr_factor, set_lr
 from llm.engine.signals import PREEMPTED_EXIT_CODE, StopFlag, clear_preempted_marker, write_preempted_marker
