@@ -3,6 +3,9 @@
 One run, on the same parallel data, the same batches (loaded once, held in memory) and the same number of optimizer
 steps, interleaved (A B A B ...):
   A  our EncoderDecoder in a bare PyTorch loop
+  M  the modern variant of the same model (pre-norm RMSNorm, rotary positions, SwiGLU with ~2/3 of d_ff as its
+     hidden size, no biases, grouped-query attention with half the heads for keys and values) in the same loop;
+     scored at the end and, from a copy taken then, at --modern-at of the steps (the same schedule, cut short)
   B  MarianMTModel built from the same TranslationModelConfig (`llm.export.marian.to_marian_config`, SDPA
      attention) in the same loop: A / B is what our model code costs or saves against the reference implementation
   C  (--with-llm-train) `llm train` with a `task: translation` config of the same shape, data and optimizer, as a
@@ -89,9 +92,11 @@ def marian_logits(model, b: dict) -> torch.Tensor:
                  decoder_input_ids=b["tgt_in_ids"]).logits
 
 
-def bare_loop(model, batches: list[dict], optim: OptimConfig, args, pad_id: int, logits_of) -> dict:
+def bare_loop(model, batches: list[dict], optim: OptimConfig, args, pad_id: int, logits_of,
+              snapshot_at: int | None = None) -> dict:
     """AdamW on the given batches: target tokens/s of the steps after warm-up (the median step's, and all of them
-    together) and the mean loss of the last 20 steps."""
+    together) and the mean loss of the last 20 steps; with `snapshot_at`, a copy of the model after that step."""
+    snapshot = None
     model.train()
     opt = build_optimizer(model, optim)
     rates, tokens, seconds, losses = [], 0, 0.0, []
@@ -108,8 +113,10 @@ def bare_loop(model, batches: list[dict], optim: OptimConfig, args, pad_id: int,
         if step >= args.warmup:
             rates.append(batch["num_tokens"] / dt)
             tokens, seconds = tokens + batch["num_tokens"], seconds + dt
+        if snapshot_at == step + 1:
+            snapshot = copy.deepcopy(model)
     return {"tok_s": statistics.median(rates), "tok_s_total": tokens / seconds,
-            "loss": statistics.mean(losses[-20:])}
+            "loss": statistics.mean(losses[-20:]), "snapshot": snapshot}
 
 
 def measured(run, *a, quiet_wait: float = 0.0) -> dict:
@@ -230,6 +237,8 @@ def main() -> None:
     p.add_argument("--quiet-wait", type=float, default=30.0,
                    help="before each run, wait up to this many seconds for other processes to leave the CPUs")
     p.add_argument("--with-llm-train", action="store_true", help="also time `llm train` (task: translation)")
+    p.add_argument("--modern-at", type=float, default=0.8, help="share of the steps the modern variant is also "
+                   "scored at (its goal: the paper model's BLEU in at most 0.8x the steps)")
     p.add_argument("--log-every", type=int, default=1,
                    help="llm train's metrics interval (1: a rate per step, the statistic the loops report)")
     args = p.parse_args()
@@ -245,6 +254,9 @@ def main() -> None:
         cfg = translation_preset("tiny", vocab_size=tok.vocab_size, d_model=args.d_model, n_encoder_layers=args.layers,
                                  n_decoder_layers=args.layers, n_heads=args.heads, d_ff=args.d_ff,
                                  dropout=args.dropout, max_seq_len=128, attention="sdpa")
+        modern = dataclasses.replace(cfg, norm="pre", norm_type="rmsnorm", positions="rope", activation="swiglu",
+                                     bias=False, n_kv_heads=max(1, args.heads // 2),
+                                     d_ff=max(64, round(2 * args.d_ff / 3 / 64) * 64))
         optim = OptimConfig(lr=args.lr, betas=[0.9, 0.98], weight_decay=0.0, grad_clip=1.0,
                             warmup_steps=args.warmup_steps, schedule="linear")
         loader = TranslationLoader(TranslationDataConfig(path=str(data), max_tokens=args.max_tokens, seed=args.seed),
@@ -257,7 +269,9 @@ def main() -> None:
               f"held-out pairs, beam {args.beam}")
 
         warm_up_decoding(tok, ids, sources, references, args, cfg)
-        names = (["llm train"] if args.with_llm_train else []) + ["bare loop, ours", "bare loop, Marian"]
+        names = (["llm train"] if args.with_llm_train else []) + ["bare loop, ours", "bare loop, modern",
+                                                                  "bare loop, Marian"]
+        cut = max(1, round(args.modern_at * args.steps))
         runs: dict[str, list[dict]] = {name: [] for name in names}
         scores: dict[str, dict] = {}
         for repeat in range(args.repeats):  # interleaved; the models of the first repeat are scored
@@ -275,6 +289,16 @@ def main() -> None:
             if repeat == 0:
                 scores["bare loop, ours"] = quality("ours", ours, tok, ids, sources, references, args, cfg)
             torch.manual_seed(args.seed)
+            mod = build_translation_model(modern)
+            runs["bare loop, modern"].append(measured(bare_loop, mod, batches, optim, args, ids.pad, ours_logits,
+                                                      cut, quiet_wait=args.quiet_wait))
+            if repeat == 0:
+                scores["bare loop, modern"] = quality("ours", mod, tok, ids, sources, references, args, modern)
+                scores[f"modern at {cut} steps"] = quality("ours", runs["bare loop, modern"][0]["snapshot"], tok,
+                                                           ids, sources, references, args, modern)
+            for r in runs["bare loop, modern"]:
+                r["snapshot"] = None  # scored; free it
+            torch.manual_seed(args.seed)
             marian = build_marian(cfg, ids, start)
             runs["bare loop, Marian"].append(measured(bare_loop, marian, batches, optim, args, ids.pad,
                                                       marian_logits, quiet_wait=args.quiet_wait))
@@ -283,6 +307,7 @@ def main() -> None:
             print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(
                 f"{n} {runs[n][-1]['tok_s']:,.0f} tok/s" for n in names), flush=True)
         params = {"bare loop, ours": ours.num_params(), "llm train": ours.num_params(),
+                  "bare loop, modern": mod.num_params(),
                   "bare loop, Marian": sum(p.numel() for p in marian.parameters() if p.requires_grad)}
 
     med = {n: statistics.median(r["tok_s"] for r in runs[n]) for n in names}
@@ -294,7 +319,14 @@ def main() -> None:
         s = scores[n]
         print(f"| {n} | {params[n] / 1e6:.2f}M | {med[n]:,.0f} | {runs[n][0]['loss']:.3f} | {s['bleu']:.1f} "
               f"| {s['chrf']:.1f} | {s['decode_s']:.1f} |")
-    print(f"\nours / Marian tok/s: {med['bare loop, ours'] / med['bare loop, Marian']:.3f}")
+    m = scores[f"modern at {cut} steps"]
+    print(f"| modern, copy after {cut} of {args.steps} steps | | | | {m['bleu']:.1f} | {m['chrf']:.1f} "
+          f"| {m['decode_s']:.1f} |")
+    print(f"\nmodern: shape as above with SwiGLU hidden {modern.d_ff}, {modern.kv_heads} kv heads; BLEU after "
+          f"{cut / args.steps:.2f}x the steps {m['bleu']:.1f} vs the paper model's "
+          f"{scores['bare loop, ours']['bleu']:.1f} after all of them")
+    print(f"ours / Marian tok/s: {med['bare loop, ours'] / med['bare loop, Marian']:.3f}; modern / ours tok/s: "
+          f"{med['bare loop, modern'] / med['bare loop, ours']:.3f}")
     if args.with_llm_train:
         print(f"llm train / bare loop ours tok/s: {med['llm train'] / med['bare loop, ours']:.3f}")
     print("\nall repeats: median step tok/s, all steps' tok/s, CPU share others used meanwhile:")

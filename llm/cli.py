@@ -33,8 +33,9 @@ def _info(args: argparse.Namespace) -> int:
         seq_len = args.seq_len or TRANSLATION_INFO_LEN
         model = build_translation_model(m, device="meta")
         embedding = m.vocab_size * m.d_model * (1 if m.share_embeddings else 3)
-        shape = (f"{m.n_encoder_layers}+{m.n_decoder_layers} layers ({m.norm}-norm), d_model {m.d_model}, "
-                 f"{m.n_heads} heads, ffn {m.d_ff}, vocab {m.vocab_size}, "
+        shape = (f"{m.n_encoder_layers}+{m.n_decoder_layers} layers ({m.norm}-norm {m.norm_type}, {m.positions} "
+                 f"positions, {m.activation}{'' if m.bias else ', no biases'}), d_model {m.d_model}, "
+                 f"{m.n_heads} heads ({m.kv_heads} kv), ffn {m.d_ff}, vocab {m.vocab_size}, "
                  f"{'shared' if m.share_embeddings else 'separate'} embeddings")
         at = f"per target token, sources and targets of {seq_len} tokens"
     else:

@@ -208,9 +208,17 @@ class TranslationModelConfig:
     n_heads: int = 8
     d_ff: int = 2048
     dropout: float = 0.1  # residual dropout: each sub-layer's output and the embedding + position sums
-    activation: Literal["relu", "gelu"] = "relu"
+    # swiglu: silu(x W_gate) * (x W_up), then W_down (d_ff is the hidden size; no biases), as the decoder's
+    activation: Literal["relu", "gelu", "swiglu"] = "relu"
     norm: Literal["post", "pre"] = "post"
+    norm_type: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = 1e-5
+    # sinusoidal: the paper's encodings added to the embeddings; rope: rotary embeddings of queries and keys in
+    # self-attention (none in cross-attention)
+    positions: Literal["sinusoidal", "rope"] = "sinusoidal"
+    rope_theta: float = 10000.0
+    n_kv_heads: int | None = None  # grouped-query attention: key/value heads (None: n_heads)
+    bias: bool = True  # biases in the attention projections and the relu/gelu feed-forward
     max_seq_len: int = 1024  # longest source or target (with EOS / BOS)
     share_embeddings: bool = True
     attention: Literal["auto", "flash", "sdpa", "eager", "varlen"] = "auto"
@@ -219,15 +227,26 @@ class TranslationModelConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
     def check(self, source: str, prefix: str = "model") -> None:
         for name in ("vocab_size", "d_model", "n_encoder_layers", "n_decoder_layers", "n_heads", "d_ff",
-                     "max_seq_len", "norm_eps"):
+                     "max_seq_len", "norm_eps", "rope_theta"):
             if getattr(self, name) <= 0:
                 _fail(source, f"{prefix}.{name}", getattr(self, name), "must be positive")
         if self.d_model % self.n_heads:
             _fail(source, f"{prefix}.n_heads", self.n_heads, f"must divide {prefix}.d_model = {self.d_model}")
         if self.d_model % 2:
             _fail(source, f"{prefix}.d_model", self.d_model, "must be even (sine and cosine encodings come in pairs)")
+        if self.n_kv_heads is not None and self.n_kv_heads <= 0:
+            _fail(source, f"{prefix}.n_kv_heads", self.n_kv_heads, "must be positive (or null: n_heads)")
+        if self.n_heads % self.kv_heads:
+            _fail(source, f"{prefix}.n_kv_heads", self.n_kv_heads, f"must divide {prefix}.n_heads = {self.n_heads}")
+        if self.positions == "rope" and self.head_dim % 2:
+            _fail(source, f"{prefix}.positions", self.positions, f"rotary positions need an even head size "
+                                                                   f"(d_model / n_heads = {self.head_dim})")
         if not 0 <= self.dropout < 1:
             _fail(source, f"{prefix}.dropout", self.dropout, "must be in [0, 1)")
 
@@ -658,8 +677,9 @@ def load_config(path: str | Path, overrides: list[str] = (),
     if data and not (set(data) & sections):
         if model_config_class(data) is TranslationModelConfig:
             data = {"task": "translation", "model": data}
-        else:  # train windows default to the model's full context
-            data = {"model": data, "data": {"seq_len": data.get("max_seq_len", ModelConfig.max_seq_len)}}
+        else:  # train windows default to the model's full context, one per micro-batch (what `llm info` sizes)
+            data = {"model": data, "data": {"seq_len": data.get("max_seq_len", ModelConfig.max_seq_len)},
+                    "train": {"micro_batch_size": 1}}
     if data.get("model") == FROM_INIT:
         data["model"] = _model_from_init(data, overrides, model_of, str(path))
     elif isinstance(data.get("model"), str):

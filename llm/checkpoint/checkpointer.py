@@ -179,8 +179,8 @@ class Checkpointer:
                                   + "; ".join(diffs) + ". Use a new train.output_dir to start a new run.")
         state = json.loads((path / "trainer_state.json").read_text())
         saved_world, saved_stage = int(state["world_size"]), int(saved_cfg["train"]["zero_stage"])
-        saved_sp, sp, world = int(saved_cfg["train"].get("sequence_parallel", 1)), cfg.train.sequence_parallel, \
-            self.accelerator.num_processes
+        saved_sp = int(saved_cfg["train"].get("sequence_parallel", 1))
+        sp, world = cfg.train.sequence_parallel, self.accelerator.num_processes
         if saved_sp != sp or (sp > 1 and saved_world != world):
             raise CheckpointError(f"cannot resume from {path}: it was saved with train.sequence_parallel = {saved_sp} "
                                   f"on {saved_world} process(es), now {sp} on {world}; a run resumes with the same "

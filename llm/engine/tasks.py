@@ -60,9 +60,9 @@ class LanguageModelling:
     def next_step(self, batches: Iterator[dict], accelerator) -> tuple[list[dict], int]:
         """The micro-batches of one optimizer step on this rank, and the step's tokens over all ranks."""
         t = self.cfg.train
-        replicas = accelerator.num_processes // self.cfg.train.sequence_parallel  # a group's tokens count once
-        return [next(batches) for _ in range(t.grad_accum)], t.micro_batch_size * t.grad_accum * replicas * \
-            self.cfg.data.seq_len
+        replicas = accelerator.num_processes // t.sequence_parallel  # a sequence-parallel group's tokens count once
+        tokens = t.micro_batch_size * t.grad_accum * replicas * self.cfg.data.seq_len
+        return [next(batches) for _ in range(t.grad_accum)], tokens
 
     def _local(self, batch: dict) -> dict:
         """This rank's slice of the batch under sequence parallelism; the batch itself otherwise."""

@@ -49,7 +49,19 @@ def marian_permutation(d_model: int) -> torch.Tensor:
     return torch.cat([torch.arange(0, d_model, 2), torch.arange(1, d_model, 2)])
 
 
+NO_STOCK_CLASS = ("no stock transformers class fits this model (MarianMTModel, the encoder-decoder it could be, is "
+                  "post-norm LayerNorm with sinusoidal positions, ReLU/GELU feed-forwards and biased full-head "
+                  "attention); `llm translate RUN` is its runtime")
+
+
 def check_exportable(cfg: TranslationModelConfig) -> None:
+    modern = [f"model.{key} = {value!r}" for key, value, marian in (
+        ("norm_type", cfg.norm_type, "layernorm"), ("positions", cfg.positions, "sinusoidal"),
+        ("activation", cfg.activation, None), ("bias", cfg.bias, True), ("n_kv_heads", cfg.n_kv_heads, None))
+        if value != marian and not (key == "activation" and value in ("relu", "gelu"))
+        and not (key == "n_kv_heads" and value in (None, cfg.n_heads))]
+    if modern:
+        raise AdapterError(", ".join(modern) + ": " + NO_STOCK_CLASS)
     if cfg.norm != "post":
         raise AdapterError(f"model.norm = {cfg.norm!r}: MarianMTModel is post-norm only")
     if cfg.norm_eps != 1e-5:

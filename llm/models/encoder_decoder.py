@@ -6,6 +6,9 @@ feed-forward network. Token embeddings are scaled by sqrt(d_model) and added to 
 encodings; projections carry biases; normalisation is LayerNorm; dropout is applied to every sub-layer output and to
 the embedding sums. `norm="post"` is the paper's LayerNorm(x + sublayer(x)); `norm="pre"` is x + sublayer(LN(x))
 with one more LayerNorm at the end of each stack, which trains deep or large models without a long warm-up.
+Config fields make the modern variant of the same model (`encoder_decoder_layers`: RMSNorm, rotary positions in
+self-attention instead of the sinusoids, SwiGLU, no biases, grouped-query attention; presets
+`transformer-modern-base`/`-big`).
 
 One joint source/target vocabulary. With `share_embeddings` the encoder input, decoder input and output
 projection are one matrix (the paper's three-way tying); without, they are three.
@@ -31,14 +34,18 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from llm.attention import KeyMask, get_attention
+from llm.attention import KeyMask
 from llm.config import ConfigError, TranslationModelConfig
 
+from .encoder_decoder_layers import DecoderLayer, EncoderLayer, norm_layer, sinusoids
 from .init import ONES, ZEROS, InitRule, construct, init_deferred, init_parameters, no_init, normal, sized, uniform
 from .kv_cache import KVCache
+from .layers import RMSNorm, rope_rotations
 from .loss import OutputHead
+
+__all__ = ["DecoderState", "EncoderDecoder", "TranslationModelConfig", "build_translation_model",
+           "label_smoothed_loss", "sinusoids", "translation_preset"]
 
 
 def translation_preset(name: str, **overrides) -> TranslationModelConfig:
@@ -53,110 +60,6 @@ def translation_preset(name: str, **overrides) -> TranslationModelConfig:
     cfg = dataclasses.replace(cfg, **overrides)
     cfg.check(f"preset {name}")
     return cfg
-
-
-def sinusoids(positions: torch.Tensor, dim: int) -> torch.Tensor:
-    """Position encodings (..., T) -> (..., T, dim): PE[p, 2i] = sin(p / 10000^(2i/dim)), PE[p, 2i+1] = cos(same).
-
-    The paper's interleaved layout. Computed per forward (a few microseconds; nothing to shard or to rebuild after
-    `to_empty`) in float64 and then rounded, so that it equals, to the last bit, tables precomputed in float64 (as
-    `transformers`' Marian does; the exporter permutes d_model into Marian's [sines | cosines] layout).
-    """
-    two_i = torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device)  # (dim / 2,)
-    angles = positions.double()[..., None] / 10000.0 ** (two_i / dim)  # (..., T, dim / 2)
-    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2).float()  # (..., T, dim) interleaved
-
-
-class Attention(nn.Module):
-    """Multi-head attention with biased projections; keys and values come from `wkv` applied to the key side."""
-
-    def __init__(self, cfg: TranslationModelConfig):
-        super().__init__()
-        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.d_model, cfg.d_model)
-        self.wkv = nn.Linear(cfg.d_model, 2 * cfg.d_model)  # rows [k (d_model) | v (d_model)]
-        self.wo = nn.Linear(cfg.d_model, cfg.d_model)
-        self.attend = get_attention(cfg.attention)
-
-    def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, Tk, d_model) -> k, v (B, Tk, n_heads, head_dim) each."""
-        B, Tk, _ = x.shape
-        return self.wkv(x).view(B, Tk, 2, self.n_heads, self.head_dim).unbind(dim=2)
-
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], causal: bool,
-                key_mask: KeyMask | None) -> torch.Tensor:
-        B, T, d = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, n_heads, head_dim)
-        out = self.attend(q, *kv, causal=causal, key_mask=key_mask)  # (B, T, n_heads, head_dim)
-        return self.wo(out.reshape(B, T, d))
-
-
-class FeedForward(nn.Module):
-    def __init__(self, cfg: TranslationModelConfig):
-        super().__init__()
-        self.w1 = nn.Linear(cfg.d_model, cfg.d_ff)
-        self.w2 = nn.Linear(cfg.d_ff, cfg.d_model)
-        self.act = F.relu if cfg.activation == "relu" else F.gelu
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(self.act(self.w1(x)))
-
-
-class _Layer(nn.Module):
-    def __init__(self, cfg: TranslationModelConfig):
-        super().__init__()
-        self.pre_norm = cfg.norm == "pre"
-        self.dropout = nn.Dropout(cfg.dropout)
-
-    def residual(self, x: torch.Tensor, norm: nn.LayerNorm, sublayer) -> torch.Tensor:
-        if self.pre_norm:
-            return x + self.dropout(sublayer(norm(x)))
-        return norm(x + self.dropout(sublayer(x)))
-
-
-class EncoderLayer(_Layer):
-    def __init__(self, cfg: TranslationModelConfig):
-        super().__init__(cfg)
-        self.self_attn = Attention(cfg)
-        self.self_attn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.ffn = FeedForward(cfg)
-        self.ffn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-
-    def forward(self, x: torch.Tensor, src_mask: KeyMask | None) -> torch.Tensor:
-        def self_attention(h):
-            return self.self_attn(h, self.self_attn.keys_values(h), causal=False, key_mask=src_mask)
-
-        x = self.residual(x, self.self_attn_norm, self_attention)
-        return self.residual(x, self.ffn_norm, self.ffn)
-
-
-class DecoderLayer(_Layer):
-    def __init__(self, cfg: TranslationModelConfig):
-        super().__init__(cfg)
-        self.self_attn = Attention(cfg)
-        self.self_attn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.cross_attn = Attention(cfg)
-        self.cross_attn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.ffn = FeedForward(cfg)
-        self.ffn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-
-    def forward(self, x: torch.Tensor, memory: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
-                src_mask: KeyMask | None, tgt_mask: KeyMask | None, cache: KVCache | None = None,
-                layer: int = 0) -> torch.Tensor:
-        """`memory` is the encoder output (B, S, d_model), or this layer's cross-attention (k, v) already made."""
-        def self_attention(h):
-            k, v = self.self_attn.keys_values(h)
-            if cache is not None:
-                k, v = cache.update(layer, k, v)  # (B, cached + T, n_heads, head_dim)
-            return self.self_attn(h, (k, v), causal=True, key_mask=tgt_mask)
-
-        def cross_attention(h):
-            kv = self.cross_attn.keys_values(memory) if isinstance(memory, torch.Tensor) else memory
-            return self.cross_attn(h, kv, causal=False, key_mask=src_mask)
-
-        x = self.residual(x, self.self_attn_norm, self_attention)
-        x = self.residual(x, self.cross_attn_norm, cross_attention)
-        return self.residual(x, self.ffn_norm, self.ffn)
 
 
 @dataclass
@@ -187,9 +90,9 @@ class EncoderDecoder(nn.Module):
             self.tgt_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
             self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_encoder_layers))
             self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_decoder_layers))
-            pre = cfg.norm == "pre"  # post-norm layers end in a LayerNorm already; pre-norm stacks need a last one
-            self.encoder_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if pre else None
-            self.decoder_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if pre else None
+            pre = cfg.norm == "pre"  # post-norm layers end in a norm already; pre-norm stacks need a last one
+            self.encoder_norm = norm_layer(cfg) if pre else None
+            self.decoder_norm = norm_layer(cfg) if pre else None
             self.output = OutputHead(cfg.d_model, cfg.vocab_size)  # an nn.Linear that can also return the loss
         if cfg.share_embeddings:
             self.tgt_embeddings.weight = self.src_embeddings.weight
@@ -214,6 +117,8 @@ class EncoderDecoder(nn.Module):
                     rules[f"{name}.bias"] = ZEROS
             elif isinstance(module, nn.LayerNorm):
                 rules[f"{name}.weight"], rules[f"{name}.bias"] = ONES, ZEROS
+            elif isinstance(module, RMSNorm):
+                rules[f"{name}.weight"] = ONES
             elif isinstance(module, nn.Embedding):
                 rules[f"{name}.weight"] = normal(self.cfg.d_model ** -0.5)
         # Over the Xavier rule: the output projection, shared or not, is initialised like an embedding (as fairseq).
@@ -231,16 +136,26 @@ class EncoderDecoder(nn.Module):
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {start + T} exceeds model.max_seq_len = {self.cfg.max_seq_len}")
         x = embeddings(ids) * self.embed_scale  # (B, T, d_model)
+        if self.cfg.positions == "rope":  # positions enter self-attention instead (`_rope`)
+            return self.dropout(x)
         pe = sinusoids(torch.arange(start, start + T, device=ids.device), self.cfg.d_model)  # (T, d_model)
         return self.dropout(x + pe.to(x.dtype))
+
+    def _rope(self, start: int, T: int, device: torch.device) -> torch.Tensor | None:
+        """Rotations (1, T, head_dim / 2) of positions start..start + T - 1 with rotary positions; else None."""
+        if self.cfg.positions != "rope":
+            return None
+        positions = torch.arange(start, start + T, device=device)[None]
+        return rope_rotations(self.cfg.head_dim, self.cfg.rope_theta, positions)
 
     def encode(self, src_ids: torch.Tensor, src_pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         """src_ids (B, S) -> encoder output (B, S, d_model). `src_pad_mask` (B, S) is True at padding (or is a
         `KeyMask` made from one, as `forward` passes it)."""
         src_mask = KeyMask.of_padding(src_pad_mask)
         x = self._embed(self.src_embeddings, src_ids)
+        rope = self._rope(0, src_ids.shape[1], src_ids.device)
         for layer in self.encoder_layers:
-            x = layer(x, src_mask)
+            x = layer(x, src_mask, rope)
         return x if self.encoder_norm is None else self.encoder_norm(x)
 
     def decode(self, tgt_ids: torch.Tensor, memory: torch.Tensor, src_pad_mask: torch.Tensor | None = None,
@@ -250,8 +165,9 @@ class EncoderDecoder(nn.Module):
         with `labels` (B, T) the loss instead, as `forward` says."""
         src_mask, tgt_mask = KeyMask.of_padding(src_pad_mask), KeyMask.of_padding(tgt_pad_mask)
         x = self._embed(self.tgt_embeddings, tgt_ids)
+        rope = self._rope(0, tgt_ids.shape[1], tgt_ids.device)
         for layer in self.decoder_layers:
-            x = layer(x, memory, src_mask, tgt_mask)
+            x = layer(x, memory, src_mask, tgt_mask, rope=rope)
         x = x if self.decoder_norm is None else self.decoder_norm(x)
         if labels is None:
             return self.output(x)
@@ -283,20 +199,21 @@ class EncoderDecoder(nn.Module):
         B = memory.shape[0]
         cross_kv = []
         for layer in self.decoder_layers:
-            k, v = layer.cross_attn.keys_values(memory)  # (B, S, n_heads, head_dim)
+            k, v = layer.cross_attn.keys_values(memory)  # (B, S, n_kv_heads, head_dim)
             cross_kv.append((k.repeat_interleave(expand, dim=0), v.repeat_interleave(expand, dim=0)))
         src_mask = None if src_pad_mask is None else (~src_pad_mask).repeat_interleave(expand, dim=0)
         cfg = self.cfg
-        cache = KVCache(cfg.n_decoder_layers, B * expand, min(max_len, cfg.max_seq_len), cfg.n_heads, cfg.head_dim,
+        cache = KVCache(cfg.n_decoder_layers, B * expand, min(max_len, cfg.max_seq_len), cfg.kv_heads, cfg.head_dim,
                         memory.dtype, memory.device)
         return DecoderState(cache, cross_kv, src_mask)
 
     def decode_step(self, tgt_ids: torch.Tensor, state: DecoderState) -> torch.Tensor:
         """The next decoder inputs (B, T) after those in `state` -> logits (B, T, vocab); the state advances."""
         x = self._embed(self.tgt_embeddings, tgt_ids, start=state.cache.length)
+        rope = self._rope(state.cache.length, tgt_ids.shape[1], tgt_ids.device)
         src_mask = KeyMask.of(state.src_mask)  # one per step, shared by the layers
         for i, layer in enumerate(self.decoder_layers):
-            x = layer(x, state.cross_kv[i], src_mask, None, state.cache, i)
+            x = layer(x, state.cross_kv[i], src_mask, None, state.cache, i, rope)
         state.cache.advance(tgt_ids.shape[1])
         return self.output(x if self.decoder_norm is None else self.decoder_norm(x))
 

@@ -37,9 +37,20 @@ def zero3_run(packed_pairs, tmp_path_factory):
     return _trained(packed_pairs, tmp_path_factory.mktemp("mt-zero3"), 2, zero_stage=3, save_every=8, keep_last=3)
 
 
-def _trained(packed_pairs, tmp, processes: int, **train):
+# The modern variant of the same model, by config fields (llm.models.encoder_decoder_layers).
+MODERN = ["model.norm=pre", "model.norm_type=rmsnorm", "model.positions=rope", "model.activation=swiglu",
+          "model.bias=false", "model.n_kv_heads=2"]
+
+
+@pytest.fixture(scope="module")
+def modern_one_process(packed_pairs, tmp_path_factory):
+    return _trained(packed_pairs, tmp_path_factory.mktemp("mt-modern1"), 1, MODERN, grad_accum=2, zero_stage=0,
+                    eval_batches=4)
+
+
+def _trained(packed_pairs, tmp, processes: int, overrides=(), **train):
     config = write_translation_config(tmp, packed_pairs, pair_vocab(packed_pairs), **train)
-    result = run_train(config, processes)
+    result = run_train(config, processes, list(overrides))
     assert result.returncode == 0, result.stderr[-3000:]
     return config, tmp / "run"
 
@@ -89,6 +100,16 @@ def test_two_processes_match_one_process_with_the_same_batches(one_process, tran
 
 def test_zero3_on_two_processes_matches_one_process_bleu_included(one_process, zero3_run):
     assert_same_run(zero3_run[1], one_process[1])
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_the_modern_variant_trains_on_two_processes_as_on_one(modern_one_process, packed_pairs, tmp_path, stage):
+    """Pre-norm RMSNorm, rotary positions, SwiGLU, no biases, grouped-query attention: ZeRO-2 and ZeRO-3 on two
+    processes compute what one process does, BLEU included (beam search with the rotated key cache)."""
+    config, run = _trained(packed_pairs, tmp_path, 2, MODERN, zero_stage=stage)
+    assert_same_run(run, modern_one_process[1])
+    saved = json.loads(json.dumps(load_config(run / "config.yaml").model.__dict__))
+    assert saved["positions"] == "rope" and saved["activation"] == "swiglu" and saved["n_kv_heads"] == 2
 
 
 def test_zero3_resume_after_kill_reproduces_the_uninterrupted_run(zero3_run, tmp_path):

@@ -107,6 +107,19 @@ def test_models_marian_cannot_represent_are_refused(tmp_path):
     with pytest.raises(AdapterError, match="eps"):
         marian.to_marian_config(dataclasses.replace(random_model().cfg, norm_eps=1e-6), IDS)
     assert not (tmp_path / "pre").exists()
+    # The modern variant: no stock class fits it; the message names every field that rules Marian out.
+    modern = random_model(norm="pre", norm_type="rmsnorm", positions="rope", activation="swiglu", bias=False,
+                          n_kv_heads=2)
+    with pytest.raises(AdapterError) as refused:
+        marian.export_marian(modern, reversal_tokenizer(), tmp_path / "modern")
+    message = str(refused.value)
+    for field in ("model.norm_type = 'rmsnorm'", "model.positions = 'rope'", "model.activation = 'swiglu'",
+                  "model.bias = False", "model.n_kv_heads = 2", "no stock transformers class fits this model",
+                  "`llm translate RUN` is its runtime"):
+        assert field in message, (field, message)
+    assert not (tmp_path / "modern").exists()
+    with pytest.raises(AdapterError, match="model.n_kv_heads = 2: no stock"):  # one difference: only it is named
+        marian.to_marian_config(dataclasses.replace(random_model().cfg, n_kv_heads=2), IDS)
 
 
 def test_a_wrong_conversion_fails_verification_and_writes_nothing(tmp_path, monkeypatch):

@@ -31,6 +31,11 @@ def tiny(**overrides) -> TranslationModelConfig:
     return translation_preset("tiny", **fields)
 
 
+# The modern variant, by config fields: pre-norm RMSNorm, rotary positions, SwiGLU, no biases, grouped-query attention.
+MODERN = dict(norm="pre", norm_type="rmsnorm", positions="rope", activation="swiglu", bias=False, n_kv_heads=2)
+VARIANTS = {"post": dict(norm="post"), "pre": dict(norm="pre"), "modern": MODERN}
+
+
 def model_for(cfg, attention="eager", device="cpu", dtype=torch.float32, seed=0):
     torch.manual_seed(seed)
     return build_translation_model(dataclasses.replace(cfg, attention=attention)).to(device, dtype).eval()
@@ -85,9 +90,9 @@ def test_a_query_with_no_key_left_gets_zero_not_nan():
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("norm", ["post", "pre"])
-def test_every_backend_agrees_with_eager_on_a_padded_batch(device, norm):
-    cfg = tiny(norm=norm)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_backend_agrees_with_eager_on_a_padded_batch(device, variant):
+    cfg = tiny(**VARIANTS[variant])
     src, src_pad, tgt, tgt_pad = padded_batch([9, 4, 13], [5, 11, 2], device=device)
     real = ~tgt_pad[..., None]
     dtypes = [torch.float32] if device == "cpu" else [torch.float32, torch.bfloat16]
@@ -105,8 +110,9 @@ def test_every_backend_agrees_with_eager_on_a_padded_batch(device, norm):
 
 
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
-def test_a_sentence_translates_the_same_alone_and_in_a_padded_batch(attention):
-    model = model_for(tiny(), attention)
+@pytest.mark.parametrize("variant", ["post", "modern"])
+def test_a_sentence_translates_the_same_alone_and_in_a_padded_batch(attention, variant):
+    model = model_for(tiny(**VARIANTS[variant]), attention)
     src, src_pad, tgt, tgt_pad = padded_batch([6, 14, 3], [8, 2, 10])
     with torch.no_grad():
         batched = model(src, src_pad, tgt, tgt_pad)
@@ -135,9 +141,9 @@ def test_decoder_is_causal_and_every_position_reads_the_whole_source():
     assert (base[:, 0] - other_source[:, 0]).abs().max() > 1e-3  # the first target position sees the last source token
 
 
-@pytest.mark.parametrize("norm", ["post", "pre"])
-def test_cached_step_by_step_decoding_equals_teacher_forcing(norm):
-    model = model_for(tiny(norm=norm), "sdpa")
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_cached_step_by_step_decoding_equals_teacher_forcing(variant):
+    model = model_for(tiny(**VARIANTS[variant]), "sdpa")
     src, src_pad, tgt, _ = padded_batch([9, 5], [7, 7])
     with torch.no_grad():
         full = model(src, src_pad, tgt)
@@ -186,9 +192,51 @@ def test_preset_shapes_and_parameter_counts(preset, paper_millions):
     assert load_config(preset).task == "translation"  # a preset file is recognised as a translation model
 
 
+def test_modern_variant_is_config_fields_of_the_same_model():
+    from llm.models.layers import RMSNorm, SwiGLU
+
+    model = model_for(tiny(**MODERN))
+    layer = model.decoder_layers[0]
+    assert isinstance(layer.self_attn_norm, RMSNorm) and isinstance(model.decoder_norm, RMSNorm)
+    assert isinstance(layer.ffn, SwiGLU) and layer.self_attn.wq.bias is None
+    assert layer.self_attn.wkv.out_features == 2 * 2 * 16  # 2 key/value heads of 16 for 4 query heads
+    ids = torch.tensor([[5, 9, 11]])
+    assert torch.equal(model._embed(model.src_embeddings, ids), model.src_embeddings(ids) * 8.0)  # no sinusoids
+    # Rotary positions are relative: a source shifted by padding on the left would change the sinusoids' model,
+    # but attention scores between two tokens depend only on their distance. Shown on self-attention directly:
+    attn, rope = layer.self_attn, model._rope(0, 6, torch.device("cpu"))
+    x = torch.randn(1, 6, 64)
+    q = attn.wq(x).view(1, 6, 4, 16)
+    k, _ = attn.keys_values(x, rope)
+    from llm.models.layers import apply_rope
+
+    scores = torch.einsum("bqhd,bkhd->bhqk", apply_rope(q, rope), k.repeat_interleave(2, dim=2))
+    shifted = model._rope(3, 6, torch.device("cpu"))
+    k2, _ = attn.keys_values(x, shifted)
+    scores2 = torch.einsum("bqhd,bkhd->bhqk", apply_rope(q, shifted), k2.repeat_interleave(2, dim=2))
+    assert torch.allclose(scores, scores2, atol=1e-4)
+
+
+@pytest.mark.parametrize("preset", ["transformer-modern-base", "transformer-modern-big"])
+def test_modern_presets(preset):
+    cfg = translation_preset(preset)
+    model = build_translation_model(cfg, device="meta")
+    d, ff, V, L, kv = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.n_encoder_layers, cfg.kv_heads * cfg.head_dim
+    attn, ffn = 2 * d * d + 2 * d * kv, 3 * d * ff  # q and o, k and v; gate, up and down
+    expected = V * d + L * (attn + ffn + 2 * d) + L * (2 * attn + ffn + 3 * d) + 2 * d  # + the two final norms
+    assert model.num_params() == expected
+    base = build_translation_model(translation_preset(preset.replace("modern-", "")), device="meta")
+    assert 0.9 < model.num_params() / base.num_params() < 1.0  # the paper model's size less GQA's smaller k/v
+    assert load_config(preset).task == "translation"
+
+
 def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="model.n_heads = 5: must divide model.d_model = 64"):
         translation_preset("tiny", n_heads=5)
+    with pytest.raises(ConfigError, match="model.n_kv_heads = 3: must divide model.n_heads = 4"):
+        translation_preset("tiny", n_kv_heads=3)
+    with pytest.raises(ConfigError, match="model.positions = 'rope': rotary positions need an even head size"):
+        translation_preset("tiny", d_model=60, n_heads=4, positions="rope")
     with pytest.raises(ConfigError, match="not found"):
         translation_preset("transformer-huge")
 
