@@ -81,7 +81,7 @@ def two_ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sp")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     mp.start_processes(_worker, args=(str(tmp / "store"), str(tmp / "out.pt")), nprocs=2, start_method="spawn")
-    return torch.load(tmp / "out.pt", weights_only=False)
+    return torch.load(tmp / "out.pt", weights_only=True)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo on Linux")
