@@ -7,9 +7,9 @@ ZeRO-3 also gathers a whole layer's weights (and reduces its gradients) at a tim
 the largest single module, as DeepSpeed's own estimator does. In pure fp32 training the split is 4 + 4 + 8.
 
 Not included here: activations (below: they depend on micro batch, sequence length, sequence parallelism and
-checkpointing), the CUDA context
-(~0.5-1 GB), communication buckets and allocator fragmentation. DeepSpeed's `estimate_zero*_model_states_mem_needs`
-also counts an fp32 gradient copy (18 bytes per parameter) and a 1.5x CPU buffer factor, so it reads higher.
+checkpointing), the CUDA context (~0.5-1 GB), communication buckets and allocator fragmentation. DeepSpeed's
+`estimate_zero*_model_states_mem_needs` also counts an fp32 gradient copy (18 bytes per parameter) and a 1.5x CPU
+buffer factor, so it reads higher.
 
 `build_host_memory` is the host memory a process needs to build the model, before DeepSpeed's `prepare`
 (`llm.engine.build`). ZeRO-0/1/2 build the whole model in fp32 on every process: 4 bytes per parameter. ZeRO-3 builds
@@ -91,7 +91,7 @@ def activation_memory(model, seq_len: int, micro_batch: int = 1, sequence_parall
     ModelConfig), as the module docstring counts them."""
     if precision not in BYTES:
         raise ValueError(f"precision {precision!r}: expected one of {', '.join(BYTES)}")
-    p = 2 if precision == "bf16" else 4
+    p = BYTES[precision][0]  # bytes per element of the training dtype: the weights'
     d, dq, dkv, f = model.d_model, model.n_heads * model.head_dim, model.kv_heads * model.head_dim, model.ffn_hidden
     attention = p * (dq + 2 * dkv) + (p * dq if sequence_parallel > 1 else p * (dq + dkv)) + p * dq + 4 * model.n_heads
     layer = 2 * (4 * d + p * d) + 2 * p * d + attention + 4 * p * f

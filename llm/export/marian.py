@@ -55,11 +55,10 @@ NO_STOCK_CLASS = ("no stock transformers class fits this model (MarianMTModel, t
 
 
 def check_exportable(cfg: TranslationModelConfig) -> None:
-    modern = [f"model.{key} = {value!r}" for key, value, marian in (
-        ("norm_type", cfg.norm_type, "layernorm"), ("positions", cfg.positions, "sinusoidal"),
-        ("activation", cfg.activation, None), ("bias", cfg.bias, True), ("n_kv_heads", cfg.n_kv_heads, None))
-        if value != marian and not (key == "activation" and value in ("relu", "gelu"))
-        and not (key == "n_kv_heads" and value in (None, cfg.n_heads))]
+    marian_has = {"norm_type": cfg.norm_type == "layernorm", "positions": cfg.positions == "sinusoidal",
+                  "activation": cfg.activation in ("relu", "gelu"), "bias": cfg.bias,
+                  "n_kv_heads": cfg.kv_heads == cfg.n_heads}
+    modern = [f"model.{key} = {getattr(cfg, key)!r}" for key, fits in marian_has.items() if not fits]
     if modern:
         raise AdapterError(", ".join(modern) + ": " + NO_STOCK_CLASS)
     if cfg.norm != "post":
