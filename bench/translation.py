@@ -10,8 +10,15 @@ steps, interleaved (A B A B ...):
      attention) in the same loop: A / B is what our model code costs or saves against the reference implementation
   C  (--with-llm-train) `llm train` with a `task: translation` config of the same shape, data and optimizer, as a
      real subprocess (Accelerate + DeepSpeed ZeRO-0, loader, metrics): C / A is the trainer's overhead
+  F  (--marian-steps, 0: skip) fine-tuning an OPUS-MT style model: a random MarianMTModel of the same shape with
+     swish feed-forwards and SentencePiece source/target models with one vocab.json (`transformers`' own
+     initialisation, saved locally as a downloaded checkpoint is), the data packed with its tokenizer,
+     `llm train` from it (`train.init_from`, the inverse_sqrt schedule), then `llm export` back to Marian
+     (verified: logits, tokenisation, greedy translations); its loss at the first and last steps and the
+     export's largest logit difference. `--part marian` runs only this.
 Both loops: AdamW (betas 0.9, 0.98, no weight decay), linear warm-up then linear decay (`llm.engine.optim`), grad
-clip 1.0, label-smoothed cross-entropy (eps 0.1, `label_smoothed_loss`) on both models' logits, dropout 0.1, fp32,
+clip 1.0, label-smoothed cross-entropy (eps 0.1; ours from its chunked output head as `llm train` computes it,
+Marian's by `label_smoothed_loss` on its logits: the same value), dropout 0.1, fp32,
 the same torch seed before each model is built (Marian keeps its own initialisation unless --marian-init ours).
 
 Data: `data_prep.demo_pairs` (English sentences from the stdlib's comments -> the same words reversed: no
@@ -24,6 +31,7 @@ for both (ours: `llm.translate`; Marian: `generate` with the settings `llm.expor
 
     python bench/translation.py                                 # d 256, 3+3 layers, 300 steps, 2 repeats
     python bench/translation.py --steps 40 --repeats 1 --pairs 4000 --bleu-pairs 50   # a quick look
+    python bench/translation.py --part marian                   # the Marian fine-tuning run alone
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ from llm.data.tokenizer import load_tokenizer  # noqa: E402
 from llm.data.translation import ParallelSplit, TranslationDataConfig, TranslationLoader  # noqa: E402
 from llm.engine.optim import build_optimizer, lr_factor, set_lr  # noqa: E402
 from llm.export.marian import to_marian_config, to_marian_state_dict  # noqa: E402
+from llm.export.marian_import import read_marian_config  # noqa: E402
 from llm.models.encoder_decoder import build_translation_model, label_smoothed_loss, translation_preset  # noqa: E402
 from llm.translate import DecodeConfig, SpecialIds, evaluate_bleu, pad_batch  # noqa: E402
 
@@ -69,8 +78,7 @@ def held_out(data: Path, tok, n: int) -> tuple[list[str], list[str]]:
     """The first n validation pairs as text (byte-level BPE decodes back to the packed sentences exactly)."""
     val = ParallelSplit(data, "val")
     pairs = [val.pair(k) for k in range(min(n, val.num_pairs))]
-    return ([tok.tokenizer.decode(s[:-1].tolist()) for s, _ in pairs],
-            [tok.tokenizer.decode(t[:-1].tolist()) for _, t in pairs])
+    return tok.decode([s[:-1].tolist() for s, _ in pairs], "src"), tok.decode([t[:-1].tolist() for _, t in pairs])
 
 
 def build_marian(cfg, ids: SpecialIds, init_from=None):
@@ -82,17 +90,21 @@ def build_marian(cfg, ids: SpecialIds, init_from=None):
     return model
 
 
-def ours_logits(model, b: dict) -> torch.Tensor:
-    # Right-padded targets need no decoder pad mask (see llm.models.encoder_decoder), so neither model gets one.
-    return model(b["src_ids"], b["src_pad_mask"], b["tgt_in_ids"], None)
+def ours_loss(model, b: dict, pad_id: int, eps: float) -> torch.Tensor:
+    """Our training path: the loss from the chunked output head (`llm.models.loss`), no full logits. Right-padded
+    targets need no decoder pad mask (see llm.models.encoder_decoder), so neither model gets one."""
+    summed = model(b["src_ids"], b["src_pad_mask"], b["tgt_in_ids"], None, labels=b["labels"], pad_id=pad_id,
+                   label_smoothing=eps, reduction="sum")
+    return summed / b["num_tokens"]
 
 
-def marian_logits(model, b: dict) -> torch.Tensor:
-    return model(input_ids=b["src_ids"], attention_mask=(~b["src_pad_mask"]).long(),
-                 decoder_input_ids=b["tgt_in_ids"]).logits
+def marian_loss(model, b: dict, pad_id: int, eps: float) -> torch.Tensor:
+    logits = model(input_ids=b["src_ids"], attention_mask=(~b["src_pad_mask"]).long(),
+                   decoder_input_ids=b["tgt_in_ids"]).logits
+    return label_smoothed_loss(logits, b["labels"], pad_id, eps)
 
 
-def bare_loop(model, batches: list[dict], optim: OptimConfig, args, pad_id: int, logits_of,
+def bare_loop(model, batches: list[dict], optim: OptimConfig, args, pad_id: int, loss_of,
               snapshot_at: int | None = None) -> dict:
     """AdamW on the given batches: target tokens/s of the steps after warm-up (the median step's, and all of them
     together) and the mean loss of the last 20 steps; with `snapshot_at`, a copy of the model after that step."""
@@ -103,7 +115,7 @@ def bare_loop(model, batches: list[dict], optim: OptimConfig, args, pad_id: int,
     for step, batch in enumerate(batches):
         set_lr(opt, optim.lr * lr_factor(step, len(batches), optim))
         t = time.perf_counter()
-        loss = label_smoothed_loss(logits_of(model, batch), batch["labels"], pad_id, args.label_smoothing)
+        loss = loss_of(model, batch, pad_id, args.label_smoothing)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
         opt.step()
@@ -151,7 +163,7 @@ def marian_bleu(model, tok, ids: SpecialIds, sources, references, beam: int, lim
                              forced_eos_token_id=ids.eos, suppress_tokens=ids.never_generated)
         for i, row in zip(chunk, gen[:, 1:].tolist(), strict=True):
             out[i] = row[:row.index(ids.eos)] if ids.eos in row else row
-    result = score_translations(tok.tokenizer.decode_batch(out, skip_special_tokens=True), references)
+    result = score_translations(tok.decode(out), references)
     return result.bleu, result.chrf
 
 
@@ -203,6 +215,50 @@ def run_llm_train(workdir: Path, data: Path, cfg, optim: OptimConfig, args) -> d
             "loss": statistics.mean(r["loss"] for r in train[-max(1, 20 // args.log_every):]), "out": out}
 
 
+def marian_finetune(workdir: Path, args) -> dict:
+    """F: a random MarianMTModel saved as a folder, imported by `llm train`, fine-tuned, exported back, verified."""
+    from tests.export.hf_models import marian_folder
+
+    tsv = workdir / "demo_pairs.tsv"
+    pairs = [tuple(line.split("\t")) for line in tsv.read_text().splitlines()]
+    folder = marian_folder(workdir / "opus-mt-random", pairs, seed=args.seed, spm_vocab=args.vocab_size,
+                           perturb=False, d_model=args.d_model, encoder_layers=args.layers,
+                           decoder_layers=args.layers, encoder_attention_heads=args.heads,
+                           decoder_attention_heads=args.heads, encoder_ffn_dim=args.d_ff, decoder_ffn_dim=args.d_ff,
+                           dropout=args.dropout, max_position_embeddings=256)
+    data = workdir / "demo_pairs_marian"
+    pack_translation.main(["--tsv", str(tsv), "--tokenizer", str(folder), "--output", str(data),
+                           "--val-fraction", str(args.val_fraction), "--seed", str(args.seed)])
+    out = workdir / "marian-run"
+    run = {"task": "translation", "model": "init_from",
+           "data": {"path": str(data), "max_tokens": args.max_tokens, "seed": args.seed, "bleu_sentences": 0},
+           "optim": {"lr": args.lr, "betas": [0.9, 0.98], "weight_decay": 0.0, "warmup_steps": args.warmup_steps,
+                     "schedule": "inverse_sqrt"},
+           "train": {"init_from": str(folder), "output_dir": str(out), "steps": args.marian_steps, "zero_stage": 0,
+                     "seed": args.seed, "log_every": 1, "eval_every": 0, "save_every": 0, "keep_last": 1}}
+    (workdir / "marian.yaml").write_text(yaml.safe_dump(run))
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    for command in (["train", str(workdir / "marian.yaml")], ["export", str(out), str(workdir / "marian-export")]):
+        proc = subprocess.run([sys.executable, "-m", "llm.cli", *command], cwd=ROOT, env=env, capture_output=True,
+                              text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"llm {command[0]} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    train = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
+    report = json.loads((workdir / "marian-export" / "llm_export.json").read_text())["verification"]
+    params = build_translation_model(read_marian_config(folder), device="meta").num_params()
+    return {"params": params, "first": train[0]["loss"], "last": statistics.mean(r["loss"] for r in train[-10:]),
+            "tok_s": statistics.median(r["tokens_per_s"] for r in train[args.warmup:]), "report": report}
+
+
+def print_marian_finetune(f: dict, steps: int) -> None:
+    r = f["report"]
+    print(f"\nMarian fine-tuning (F), {f['params'] / 1e6:.2f}M parameters, {steps} steps of `llm train`: loss "
+          f"{f['first']:.3f} at step 1 -> {f['last']:.3f} (mean of the last 10), {f['tok_s']:,.0f} target tok/s; "
+          f"export verified {r['ok']}: max |logit diff| {r['max_abs_logit_diff']:.2e}, tokenisation equal "
+          f"{r['tokenizer_equal']}, greedy equal on {sum(s['greedy_equal'] for s in r['sentences'])}/"
+          f"{len(r['sentences'])} sentences")
+
+
 def llm_train_model(out: Path, cfg):
     from llm.checkpoint.consolidate import consolidated_state_dict, resolve_checkpoint
 
@@ -241,6 +297,9 @@ def main() -> None:
                    "scored at (its goal: the paper model's BLEU in at most 0.8x the steps)")
     p.add_argument("--log-every", type=int, default=1,
                    help="llm train's metrics interval (1: a rate per step, the statistic the loops report)")
+    p.add_argument("--marian-steps", type=int, default=100, help="steps of the Marian fine-tuning run (0: skip it)")
+    p.add_argument("--part", choices=["all", "compare", "marian"], default="all",
+                   help="compare: the side-by-side training runs only; marian: the Marian fine-tuning run only")
     args = p.parse_args()
     begin = time.perf_counter()
     torch.set_num_threads(args.threads)
@@ -249,6 +308,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         data = prepare_data(workdir, args)
+        finetuned = marian_finetune(workdir, args) if args.part != "compare" and args.marian_steps else None
+        if args.part == "marian":
+            print_marian_finetune(finetuned, args.marian_steps)
+            return
         tok = load_tokenizer(data)
         ids = SpecialIds.from_tokenizer(tok)
         cfg = translation_preset("tiny", vocab_size=tok.vocab_size, d_model=args.d_model, n_encoder_layers=args.layers,
@@ -284,13 +347,13 @@ def main() -> None:
             torch.manual_seed(args.seed)
             ours = build_translation_model(cfg)
             start = copy.deepcopy(ours) if args.marian_init == "ours" else None  # before training changes it
-            runs["bare loop, ours"].append(measured(bare_loop, ours, batches, optim, args, ids.pad, ours_logits,
+            runs["bare loop, ours"].append(measured(bare_loop, ours, batches, optim, args, ids.pad, ours_loss,
                                                     quiet_wait=args.quiet_wait))
             if repeat == 0:
                 scores["bare loop, ours"] = quality("ours", ours, tok, ids, sources, references, args, cfg)
             torch.manual_seed(args.seed)
             mod = build_translation_model(modern)
-            runs["bare loop, modern"].append(measured(bare_loop, mod, batches, optim, args, ids.pad, ours_logits,
+            runs["bare loop, modern"].append(measured(bare_loop, mod, batches, optim, args, ids.pad, ours_loss,
                                                       cut, quiet_wait=args.quiet_wait))
             if repeat == 0:
                 scores["bare loop, modern"] = quality("ours", mod, tok, ids, sources, references, args, modern)
@@ -301,7 +364,7 @@ def main() -> None:
             torch.manual_seed(args.seed)
             marian = build_marian(cfg, ids, start)
             runs["bare loop, Marian"].append(measured(bare_loop, marian, batches, optim, args, ids.pad,
-                                                      marian_logits, quiet_wait=args.quiet_wait))
+                                                      marian_loss, quiet_wait=args.quiet_wait))
             if repeat == 0:
                 scores["bare loop, Marian"] = quality("marian", marian, tok, ids, sources, references, args, cfg)
             print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(
@@ -329,6 +392,8 @@ def main() -> None:
           f"{med['bare loop, modern'] / med['bare loop, ours']:.3f}")
     if args.with_llm_train:
         print(f"llm train / bare loop ours tok/s: {med['llm train'] / med['bare loop, ours']:.3f}")
+    if finetuned is not None:
+        print_marian_finetune(finetuned, args.marian_steps)
     print("\nall repeats: median step tok/s, all steps' tok/s, CPU share others used meanwhile:")
     for n in names:
         print(f"  {n:18s} " + "   ".join(f"{r['tok_s']:,.0f} / {r['tok_s_total']:,.0f} / {r['others']:.0%}"

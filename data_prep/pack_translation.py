@@ -11,7 +11,9 @@ local Hugging Face `datasets` folder (from `save_to_disk`); fields may be dotted
 ("translation.de"). Text files may be gzipped. Both sides are stripped of surrounding whitespace.
 
 Tokenizer: --tokenizer takes an existing one; otherwise a byte-level BPE is trained on both sides together (a joint
-vocabulary, which shared embeddings need). It must have EOS and padding tokens.
+vocabulary, which shared embeddings need). It must have EOS and padding tokens. A Marian (OPUS-MT) model folder is
+taken as it is, to fine-tune that model (`train.init_from`): sources through its source.spm, targets through its
+target.spm, both into its vocab.json.
 
 Filters, counted in the manifest: pairs with an empty side; pairs with a side longer than --max-len tokens; pairs
 whose longer side has more than --max-ratio times the tokens of the shorter (misaligned pairs, as Moses'
@@ -159,7 +161,7 @@ def _chunks(pairs: Iterator[Pair], size: int) -> Iterator[list[Pair]]:
         yield chunk
 
 
-def pack_pairs(out_dir: str | Path, tokenizer: LoadedTokenizer, pairs: Iterator[Pair], *, max_len: int = 250,
+def pack_pairs(out_dir: str | Path, tokenizer, pairs: Iterator[Pair], *, max_len: int = 250,
                max_ratio: float = 1.5, val_fraction: float = 0.01, seed: int = 1234,
                shard_tokens: int = DEFAULT_SHARD_TOKENS, chunk_pairs: int = 10000, stats: dict | None = None,
                sources: list[dict] | None = None, overwrite: bool = False) -> dict:
@@ -186,8 +188,7 @@ def pack_pairs(out_dir: str | Path, tokenizer: LoadedTokenizer, pairs: Iterator[
     split_key, first = derive_key(seed, _SPLIT_STREAM), 0
     try:
         for chunk in _chunks(pairs, chunk_pairs):
-            encoded = [tokenizer.tokenizer.encode_batch_fast([p[i] for p in chunk], add_special_tokens=False)
-                       for i in (0, 1)]
+            encoded = [tokenizer.encode([p[i] for p in chunk], side) for i, side in enumerate(SIDES)]
             src_len = np.array([len(e) for e in encoded[0]])
             tgt_len = np.array([len(e) for e in encoded[1]])
             empty = np.array([not s or not t for s, t in chunk]) | (src_len == 0) | (tgt_len == 0)
@@ -198,7 +199,7 @@ def pack_pairs(out_dir: str | Path, tokenizer: LoadedTokenizer, pairs: Iterator[
             is_val = unit_hash(split_key, first + np.arange(len(chunk))) < val_fraction
             for split, sel in (("train", keep & ~is_val), ("val", keep & is_val)):
                 for side, enc in zip(SIDES, encoded, strict=True):
-                    docs = [enc[i].ids + [eos] for i in np.flatnonzero(sel)]
+                    docs = [enc[i] + [eos] for i in np.flatnonzero(sel)]
                     if docs:
                         writers[f"{split}.{side}"].add(np.concatenate(docs), [len(d) for d in docs])
                 stats[f"{split}_pairs"] += int(sel.sum())
@@ -222,7 +223,8 @@ def pack_pairs(out_dir: str | Path, tokenizer: LoadedTokenizer, pairs: Iterator[
         "format": FORMAT, "format_version": FORMAT_VERSION, "task": TASK, "dtype": dtype_name(dtype),
         "tokenizer": {"sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size, "source": tokenizer.source,
                       "special_tokens": tokenizer.special_tokens,
-                      "special_ids": {role: tokenizer.token_id(role) for role in tokenizer.special_tokens}},
+                      "special_ids": {role: tokenizer.token_id(role) for role in tokenizer.special_tokens} | {
+                          "decoder_start": tokenizer.decoder_start_id}},
         "options": {"max_len": max_len, "max_ratio": max_ratio, "val_fraction": val_fraction, "seed": seed,
                     "shard_tokens": shard_tokens},
         "sources": sources or [], "stats": stats, "splits": splits,
@@ -258,7 +260,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--source-field", default="source", help="JSONL/datasets field of the source (dotted for nested)")
     p.add_argument("--target-field", default="target", help="JSONL/datasets field of the target (dotted for nested)")
     p.add_argument("--hf-split", default="train", help="split of a DatasetDict folder (default: %(default)s)")
-    p.add_argument("--tokenizer", help="an existing tokenizer folder or tokenizer.json (default: train one)")
+    p.add_argument("--tokenizer", help="an existing tokenizer folder or tokenizer.json, or a Marian (OPUS-MT) model "
+                                       "folder (default: train one)")
     p.add_argument("--vocab-size", type=int, default=32000, help="joint BPE vocabulary to train (default: 32000)")
     p.add_argument("--tokenizer-max-chars", type=float, default=None,
                    help="train the tokenizer on about this many characters from the start of the input")

@@ -300,9 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Batched beam search (greedy with --beam 1) with the encoder output and the decoder's "
                     "self-attention cached. Reads one sentence per line, writes one translation per line (stdout "
                     "or --output); with --ref, prints sacreBLEU's BLEU and chrF with their signatures to stderr. "
-                    "Decoding defaults come from the run config's `decode` section.",
-        epilog="example: llm translate runs/demo_mt --input valid.src --ref valid.tgt --beam 5")
-    tr.add_argument("model", help="a translation run folder, one of its checkpoints, or an `llm average` folder")
+                    "Decoding defaults come from the run config's `decode` section (a MarianMTModel folder's: its "
+                    "generation config's beam size and length penalty).",
+        epilog="examples: `llm translate runs/demo_mt --input valid.src --ref valid.tgt --beam 5`; "
+               "`llm translate models/opus-mt-de-en --input test.de --ref test.en`")
+    tr.add_argument("model", help="a translation run folder, one of its checkpoints, an `llm average` folder, or a "
+                                  "transformers MarianMTModel folder (OPUS-MT)")
     tr.add_argument("--input", required=True, help="source sentences, one per line ('-': stdin)")
     tr.add_argument("--ref", help="reference translations, one per line, to score BLEU and chrF")
     tr.add_argument("--output", help="write translations here instead of stdout")

@@ -208,8 +208,9 @@ class TranslationModelConfig:
     n_heads: int = 8
     d_ff: int = 2048
     dropout: float = 0.1  # residual dropout: each sub-layer's output and the embedding + position sums
-    # swiglu: silu(x W_gate) * (x W_up), then W_down (d_ff is the hidden size; no biases), as the decoder's
-    activation: Literal["relu", "gelu", "swiglu"] = "relu"
+    # swiglu: silu(x W_gate) * (x W_up), then W_down (d_ff is the hidden size; no biases), as the decoder's;
+    # swish: silu(x W1) W2 (OPUS-MT's Marian models)
+    activation: Literal["relu", "gelu", "swish", "swiglu"] = "relu"
     norm: Literal["post", "pre"] = "post"
     norm_type: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = 1e-5
@@ -221,6 +222,7 @@ class TranslationModelConfig:
     bias: bool = True  # biases in the attention projections and the relu/gelu feed-forward
     max_seq_len: int = 1024  # longest source or target (with EOS / BOS)
     share_embeddings: bool = True
+    output_bias: bool = False  # a bias on the output logits (Marian's final_logits_bias)
     attention: Literal["auto", "flash", "sdpa", "eager", "varlen"] = "auto"
 
     @property
@@ -345,7 +347,8 @@ class TrainConfig:
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload: bool = False  # ZeRO-3 optimizer and parameter offload to CPU
     deepspeed_config: str | None = None  # a custom sharding JSON; default configs/deepspeed/zero<stage>[_offload]
-    init_from: str | None = None  # a transformers folder (Llama, Mistral, Qwen2, Qwen3) to continue pretraining from
+    # a transformers folder to start from: Llama, Mistral, Qwen2, Qwen3 (task lm) or MarianMTModel (translation)
+    init_from: str | None = None
     seed: int = 1234
     activation_checkpointing: bool = False
     # Ulysses sequence parallelism: each sequence is split over this many consecutive ranks (attention all-to-alls
@@ -433,9 +436,8 @@ class RunConfig:
                   "scores language models; translation runs report BLEU and chrF (data.bleu_sentences)")
         if self.train.sequence_parallel > 1:
             self._check_sequence_parallel(source)
-        if self.task == "translation" and self.train.init_from:
-            _fail(source, "train.init_from", self.train.init_from,
-                  "imports a decoder-only model; translation runs start fresh")
+        if self.train.init_from:
+            self._check_init_from(source)
         if self.task == "lm" and self.data.seq_len > self.model.max_seq_len:
             _fail(source, "data.seq_len", self.data.seq_len,
                   f"exceeds model.max_seq_len = {self.model.max_seq_len}")
@@ -443,6 +445,20 @@ class RunConfig:
             _fail(source, "data.seq_len", self.data.seq_len,
                   f"exceeds model.sliding_window = {self.model.sliding_window}: attention beyond the window is not "
                   "implemented (sequences up to the window are exact)")
+
+    def _check_init_from(self, source: str) -> None:
+        """A translation run starts from a MarianMTModel folder, a language model from a decoder family's."""
+        import json
+
+        try:
+            model_type = json.loads((Path(self.train.init_from) / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            return  # read, and refused naming the file, when the model is built
+        if (model_type == "marian") != (self.task == "translation"):
+            wanted = ("a MarianMTModel folder" if self.task == "translation" else
+                      "a Llama, Mistral, Qwen2 or Qwen3 folder")
+            _fail(source, "train.init_from", self.train.init_from,
+                  f"holds a {model_type!r} model; task {self.task!r} starts from {wanted}")
 
     def _check_sequence_parallel(self, source: str) -> None:
         """What can be split N ways: the sequence (into equal slices) and the heads (each rank attends with 1/N of

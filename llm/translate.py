@@ -8,8 +8,8 @@ candidates (by summed log-probability), those ending in EOS among the first beam
 log-probability / length ** length_penalty (the length counts EOS), and the best beam_size others live on. Unlike
 fairseq, which stops a sentence at its first beam_size finished hypotheses, a sentence is done only when no live
 hypothesis can beat the beam_size best finished ones (an exact bound, see `_sentence_done`), or at its maximum
-length, where EOS is forced; done sentences leave the batch. Greedy decoding is the same loop with one hypothesis
-and the arg max.
+length, where EOS is forced (at log-probability 0, as `transformers` forces it); done sentences leave the batch.
+Greedy decoding is the same loop with one hypothesis and the arg max.
 
 A target may have at most max_len_a * source length + max_len_b tokens before its EOS (fairseq's --max-len-a and
 --max-len-b; the source length counts its EOS), and never more than the model's positions allow. Padding and the
@@ -39,15 +39,16 @@ class SpecialIds:
 
     @classmethod
     def from_tokenizer(cls, tokenizer) -> SpecialIds:
-        """From a `llm.data.tokenizer.LoadedTokenizer`: BOS starts the decoder (EOS where there is no BOS)."""
-        eos, pad, bos = (tokenizer.token_id(role) for role in ("eos", "pad", "bos"))
+        """From a `LoadedTokenizer` (BOS starts the decoder, EOS where there is no BOS) or a `MarianSentencePiece`
+        (padding starts it)."""
+        eos, pad = tokenizer.token_id("eos"), tokenizer.token_id("pad")
         if eos is None or pad is None:
             raise ValueError(f"translation needs EOS and padding tokens; the tokenizer has eos={eos}, pad={pad}")
-        return cls(bos=eos if bos is None else bos, eos=eos, pad=pad)
+        return cls(bos=tokenizer.decoder_start_id, eos=eos, pad=pad)
 
     @property
     def never_generated(self) -> list[int]:
-        return [self.pad] + ([self.bos] if self.bos != self.eos else [])
+        return [self.pad] + ([self.bos] if self.bos not in (self.eos, self.pad) else [])
 
 
 @dataclass
@@ -72,12 +73,14 @@ def max_lengths(model: EncoderDecoder, src_ids: torch.Tensor, src_pad_mask: torc
 
 def _step_logprobs(model: EncoderDecoder, last: torch.Tensor, state, ids: SpecialIds,
                    force_eos: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities (rows, V) of the next token after `last` (rows, 1); rows in `force_eos` may only end."""
+    """Log-probabilities (rows, V) of the next token after `last` (rows, 1); rows in `force_eos` may only end, and
+    that forced EOS costs nothing (log-probability 0: it was no choice), as `transformers` forces it."""
     lp = model.decode_step(last, state)[:, -1].float().log_softmax(dim=-1)  # (rows, V)
     lp[:, ids.never_generated] = float("-inf")
-    not_eos = torch.ones(lp.shape[-1], dtype=torch.bool, device=lp.device)
-    not_eos[ids.eos] = False
-    return lp.masked_fill(force_eos[:, None] & not_eos, float("-inf"))
+    eos = torch.zeros(lp.shape[-1], dtype=torch.bool, device=lp.device)
+    eos[ids.eos] = True
+    forced = force_eos[:, None]
+    return lp.masked_fill(forced & ~eos, float("-inf")).masked_fill(forced & eos, 0.0)
 
 
 @torch.no_grad()
@@ -196,8 +199,7 @@ def generate(model: EncoderDecoder, src_ids: torch.Tensor, src_pad_mask: torch.T
 def encode_sources(tokenizer, sentences: Sequence[str], max_len: int) -> list[list[int]]:
     """Token ids of each sentence followed by EOS, as the translation data is packed; cut to `max_len`."""
     eos = tokenizer.token_id("eos")
-    encodings = tokenizer.tokenizer.encode_batch(list(sentences), add_special_tokens=False)
-    return [e.ids[:max_len - 1] + [eos] for e in encodings]
+    return [ids[:max_len - 1] + [eos] for ids in tokenizer.encode(list(sentences), "src")]
 
 
 def pad_batch(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"):
@@ -235,9 +237,10 @@ def translate_ids(model: EncoderDecoder, tokenizer, sentences: Sequence[str], de
 
 def translate(model: EncoderDecoder, tokenizer, sentences: Sequence[str], decode: DecodeConfig | None = None,
               batch_size: int = 64) -> list[str]:
-    """Translate sentences (a `LoadedTokenizer` for both sides) with greedy or beam search; input order kept."""
+    """Translate sentences (`tokenizer`: a `LoadedTokenizer` or `MarianSentencePiece`) with greedy or beam search;
+    input order kept."""
     tokens = translate_ids(model, tokenizer, sentences, decode, batch_size)
-    return tokenizer.tokenizer.decode_batch(tokens, skip_special_tokens=True)
+    return tokenizer.decode(tokens, "tgt")
 
 
 @dataclass
@@ -324,15 +327,20 @@ def average_checkpoints(step_dirs: Sequence[str | Path]) -> dict[str, torch.Tens
 
 
 def load_translation_model(path: str | Path, device: str = "cpu"):
-    """(model in eval mode, fp32, on `device`; its LoadedTokenizer; the run config) from a translation run
-    folder, one of its checkpoints, or a weights-only checkpoint (`llm average`)."""
+    """(model in eval mode, fp32, on `device`; its tokenizer; the run config) from a translation run folder, one of
+    its checkpoints, a weights-only checkpoint (`llm average`), or a MarianMTModel folder (OPUS-MT: its tokenizer,
+    and its generation config's beam size and length penalty as the decoding defaults)."""
     import dataclasses
 
     from llm.checkpoint.consolidate import consolidated_state_dict, resolve_checkpoint, tokenizer_folder
     from llm.config import load_config
     from llm.data.tokenizer import load_tokenizer
+    from llm.export.marian_import import is_marian_folder, load_marian_folder
     from llm.models.encoder_decoder import build_translation_model
 
+    if is_marian_folder(path):
+        model, cfg = load_marian_folder(path)
+        return model.float().to(device).eval(), load_tokenizer(path), cfg
     step_dir = resolve_checkpoint(path)
     cfg = load_config(step_dir / "config.yaml")
     if cfg.task != "translation":

@@ -114,7 +114,6 @@ def test_translation_run_config(tmp_path):
     ({"task": "translation", "model": "transformer-tiny", "data": {"bleu_source": "a.txt"}},
      "bleu_source and bleu_reference go together"),
     ({"task": "translation", "model": "transformer-tiny", "decode": {"beam_size": 0}}, "decode.beam_size = 0"),
-    ({"task": "translation", "model": "transformer-tiny", "train": {"init_from": "hf/llama"}}, "train.init_from"),
     ({"model": "tiny", "train": {"label_smoothing": 1.0}}, "train.label_smoothing = 1.0: must be in"),
 ])
 def test_translation_config_errors_name_the_key(tmp_path, data, message):

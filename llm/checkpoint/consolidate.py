@@ -105,6 +105,7 @@ def tokenizer_folder(cfg: RunConfig) -> Path:
         raise CheckpointNotFound("the run config names no dataset, so its tokenizer is unknown")
     else:
         folder = Path(cfg.data.datasets[0].path)
-    if not (folder / "tokenizer.json").is_file():
-        raise CheckpointNotFound(f"{folder}: the training data's tokenizer (tokenizer.json) is not there")
+    if not (folder / "tokenizer.json").is_file() and not (folder / "source.spm").is_file():
+        raise CheckpointNotFound(f"{folder}: the training data's tokenizer (tokenizer.json, or a Marian model's "
+                                 "source.spm) is not there")
     return folder

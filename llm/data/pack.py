@@ -175,6 +175,8 @@ def pack_corpus(out_dir: str | Path, tokenizer: LoadedTokenizer | str | Path, in
     num_proc = num_proc or default_num_proc()
     files = resolve_inputs(inputs) if inputs else default_corpus_files()
     tok = tokenizer if isinstance(tokenizer, LoadedTokenizer) else load_tokenizer(tokenizer)
+    if not isinstance(tok, LoadedTokenizer):
+        raise DataError(f"{tokenizer}: a Marian tokenizer is for translation data (data_prep.pack_translation)")
     if bos not in ("auto", "yes", "no"):
         raise DataError(f"bos = {bos!r}: expected auto, yes or no")
     bos_id = tok.template_bos() if bos == "auto" else tok.token_id("bos") if bos == "yes" else None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,8 +46,22 @@ class LoadedTokenizer:
         return full[0] if len(full) > len(plain) and full[1:len(plain) + 1] == plain else None
 
     @property
+    def decoder_start_id(self) -> int:
+        """The translation decoder's start token: BOS, or EOS where there is none."""
+        bos = self.token_id("bos")
+        return self.eos_id if bos is None else bos
+
+    @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, texts: Sequence[str], side: str = "src") -> list[list[int]]:
+        """Token ids of each text without special tokens (`side`: one tokenizer serves sources and targets)."""
+        return [e.ids for e in self.tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+    def decode(self, rows: Sequence[Sequence[int]], side: str = "tgt") -> list[str]:
+        """Texts of token rows, special tokens left out."""
+        return self.tokenizer.decode_batch([list(r) for r in rows], skip_special_tokens=True)
 
     def to_json(self) -> str:
         return self.tokenizer.to_str()
@@ -92,14 +106,21 @@ def _read_special_tokens(folder: Path) -> dict[str, str | None]:
     return found
 
 
-def load_tokenizer(path: str | Path, eos_token: str | None = None) -> LoadedTokenizer:
+def load_tokenizer(path: str | Path, eos_token: str | None = None):
     """Load a tokenizer folder (or a `tokenizer.json` file). `eos_token` overrides the folder's EOS token.
 
     The EOS token is required: packing separates documents with it. Raises DataError naming the path otherwise.
+    A Marian (OPUS-MT) folder, SentencePiece models and vocab.json, gives a `MarianSentencePiece` (translation).
     """
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"{path}: tokenizer not found (expected a folder with tokenizer.json, or the file itself)")
+    from llm.data.marian_tokenizer import MarianSentencePiece, is_marian_tokenizer
+
+    if is_marian_tokenizer(path):
+        if eos_token is not None:
+            raise DataError(f"{path}: a Marian tokenizer's EOS is its own ({eos_token!r} cannot replace it)")
+        return MarianSentencePiece(path)
     folder = path if path.is_dir() else path.parent
     json_file = path if path.is_file() else path / "tokenizer.json"
     if json_file.is_file():

@@ -57,7 +57,9 @@ class ParallelSplit:
         self.tgt_starts, self.tgt_lens = self._documents(self.tgt)
         ids = self.manifest["tokenizer"]["special_ids"]
         self.eos_id, self.pad_id = ids.get("eos"), ids.get("pad")
-        self.bos_id = ids.get("bos") if ids.get("bos") is not None else self.eos_id  # the decoder's start token
+        # the decoder's start token: the tokenizer's (Marian's: padding), else BOS, else EOS
+        start = ids.get("decoder_start", ids.get("bos"))
+        self.bos_id = self.eos_id if start is None else start
         if self.pad_id is None or self.eos_id is None:
             raise DataError(f"{self.folder / MANIFEST}: the tokenizer needs EOS and padding tokens, has {ids}")
 

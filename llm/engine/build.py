@@ -13,9 +13,10 @@ ZeRO-2 build starts from (the seed is `train.seed`).
 A partition is the flattened parameter's elements [rank * size, (rank + 1) * size) with size = ceil(numel / N); the
 last rank's partition runs past the end, and that padding is set to zero.
 
-`train.init_from` loads a transformers folder instead of initialising, one parameter at a time from the memory-mapped
-safetensors: whole tensors, or under ZeRO-3 each rank copies its partition's slice. Beyond its own part of the
-model, a rank holds one whole parameter in fp32 at a time (the embedding, at most), never the whole model.
+`train.init_from` loads a transformers folder (a MarianMTModel for translation) instead of initialising, one
+parameter at a time from the memory-mapped safetensors: whole tensors, or under ZeRO-3 each rank copies its
+partition's slice. Beyond its own part of the model, a rank holds one whole parameter in fp32 at a time (the
+embedding, at most), never the whole model; a Marian model, small, is converted whole once.
 """
 
 from __future__ import annotations
@@ -101,11 +102,16 @@ def init_partitions(model: torch.nn.Module, rules: dict, seed: int, threads: int
 
 @torch.no_grad()
 def init_from_hf(model: torch.nn.Module, cfg: RunConfig, partitioned: bool) -> None:
-    """Start from a transformers folder's weights (Llama, Mistral, Qwen2, Qwen3); a resumed run then overwrites
-    them with its checkpoint. Read and converted one parameter at a time: besides the model (or under ZeRO-3 this
-    rank's partitions), a process holds one whole parameter in fp32 at a time."""
-    from llm.export.families import open_hf_folder
-    from llm.export.hf import check_same_shape
+    """Start from a transformers folder's weights (Llama, Mistral, Qwen2, Qwen3; MarianMTModel for translation); a
+    resumed run then overwrites them with its checkpoint. Read and converted one parameter at a time: besides the
+    model (or under ZeRO-3 this rank's partitions), a process holds one whole parameter in fp32 at a time (a Marian
+    model, small, is converted whole once)."""
+    if cfg.task == "translation":
+        from llm.export.marian_import import check_same_model as check_same_shape
+        from llm.export.marian_import import open_marian_folder as open_hf_folder
+    else:
+        from llm.export.families import open_hf_folder
+        from llm.export.hf import check_same_shape
 
     hf_cfg, readers = open_hf_folder(cfg.train.init_from)
     check_same_shape(cfg.model, hf_cfg, cfg.train.init_from)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -149,12 +150,30 @@ class Translation:
 
         cfg = self.cfg
         limits = dict(max_positions=cfg.model.max_seq_len, vocab_size=cfg.model.vocab_size)
+        if cfg.train.init_from:
+            self._check_init_tokenizer()
         train = TranslationLoader(cfg.data, rank, world, **limits)
         self.world, self.pad_id = world, train.batches.data.pad_id
         self.train_split = train.batches.data
         val = TranslationValidationLoader(cfg.data, rank, world, max_batches=cfg.train.eval_batches,
                                           **limits) if cfg.train.eval_every else None
         return train, val
+
+    def _check_init_tokenizer(self) -> None:
+        """A model fine-tuned from `train.init_from` must see its own token ids: the data packed with its tokenizer."""
+        from llm.data.errors import DataError
+        from llm.data.shards import read_manifest
+        from llm.data.tokenizer import load_tokenizer
+        from llm.export.marian_import import check_tokenizer, read_marian_config
+
+        folder = Path(self.cfg.train.init_from)
+        if not ((folder / "source.spm").is_file() or (folder / "tokenizer.json").is_file()):
+            return  # a model folder without its tokenizer: the data's is taken on trust
+        tokenizer = load_tokenizer(folder)
+        check_tokenizer(folder, read_marian_config(folder), tokenizer)
+        if tokenizer.sha256 != read_manifest(Path(self.cfg.data.path)).get("tokenizer", {}).get("sha256"):
+            raise DataError(f"data.path {self.cfg.data.path} was packed with another tokenizer than train.init_from "
+                            f"{folder}'s; re-pack it with `python -m data_prep.pack_translation --tokenizer {folder}`")
 
     def flops_per_token(self, model) -> tuple[float, str]:
         # Sentences, not windows: count at the mean target length of the training data.
@@ -215,9 +234,8 @@ class Translation:
                 val = ParallelSplit(d.path, "val")
                 tok = self.tokenizer()
                 pairs = [val.pair(k) for k in range(min(n, val.num_pairs))]
-                decode = tok.tokenizer.decode_batch
-                self._bleu_set = (decode([s[:-1].tolist() for s, _ in pairs], skip_special_tokens=True),
-                                  decode([t[:-1].tolist() for _, t in pairs], skip_special_tokens=True))
+                self._bleu_set = (tok.decode([s[:-1].tolist() for s, _ in pairs], "src"),
+                                  tok.decode([t[:-1].tolist() for _, t in pairs], "tgt"))
         return self._bleu_set
 
     def tokenizer(self):

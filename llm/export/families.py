@@ -271,7 +271,13 @@ def load_hf_folder(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.Ten
 
 
 def model_section(folder: str | Path) -> dict:
-    """The model section (a mapping of `ModelConfig` keys) of a family's folder, for `model: init_from`."""
+    """The model section (a mapping of `ModelConfig` keys) of a family's folder, for `model: init_from`; of a
+    MarianMTModel folder, a translation model section."""
     import dataclasses
 
+    from llm.export.marian_import import is_marian_folder
+    from llm.export.marian_import import model_section as marian_section
+
+    if is_marian_folder(folder):
+        return marian_section(folder)
     return dataclasses.asdict(read_hf_config(folder))

@@ -11,7 +11,8 @@ embeddings shared. This is the only place its key names appear. What differs fro
    attention output and fc2, LayerNorm weights and biases) gives the same function; the positions table itself is
    not saved (Marian rebuilds it when loading).
 2. We fuse k and v (`wkv`); Marian keeps k_proj and v_proj.
-3. Marian adds `final_logits_bias` (zeros here: our output projection has no bias).
+3. Marian adds `final_logits_bias`: our `output.bias` where the model has one (`output_bias`, as imported Marian
+   models do), zeros otherwise.
 
 Pre-norm models and a LayerNorm eps other than 1e-5 have no Marian equivalent and are refused.
 
@@ -50,13 +51,13 @@ def marian_permutation(d_model: int) -> torch.Tensor:
 
 
 NO_STOCK_CLASS = ("no stock transformers class fits this model (MarianMTModel, the encoder-decoder it could be, is "
-                  "post-norm LayerNorm with sinusoidal positions, ReLU/GELU feed-forwards and biased full-head "
+                  "post-norm LayerNorm with sinusoidal positions, ReLU/GELU/swish feed-forwards and biased full-head "
                   "attention); `llm translate RUN` is its runtime")
 
 
 def check_exportable(cfg: TranslationModelConfig) -> None:
     marian_has = {"norm_type": cfg.norm_type == "layernorm", "positions": cfg.positions == "sinusoidal",
-                  "activation": cfg.activation in ("relu", "gelu"), "bias": cfg.bias,
+                  "activation": cfg.activation in ("relu", "gelu", "swish"), "bias": cfg.bias,
                   "n_kv_heads": cfg.kv_heads == cfg.n_heads}
     modern = [f"model.{key} = {getattr(cfg, key)!r}" for key, fits in marian_has.items() if not fits]
     if modern:
@@ -121,18 +122,21 @@ def to_marian_state_dict(sd: dict[str, torch.Tensor], cfg: TranslationModelConfi
         out["model.encoder.embed_tokens.weight"] = sd["src_embeddings.weight"][:, perm]
         out["model.decoder.embed_tokens.weight"] = sd["tgt_embeddings.weight"][:, perm]
         out["lm_head.weight"] = sd["output.weight"][:, perm]
-    out["final_logits_bias"] = torch.zeros(1, cfg.vocab_size, dtype=sd["src_embeddings.weight"].dtype)
+    out["final_logits_bias"] = (sd["output.bias"][None] if cfg.output_bias else
+                                torch.zeros(1, cfg.vocab_size, dtype=sd["src_embeddings.weight"].dtype))
     return {k: v.contiguous() for k, v in out.items()}
 
 
 def from_marian_state_dict(hf: dict[str, torch.Tensor], cfg: TranslationModelConfig) -> dict[str, torch.Tensor]:
-    """The inverse of `to_marian_state_dict` (a non-zero `final_logits_bias` has no place in our model)."""
+    """The inverse of `to_marian_state_dict` (a non-zero `final_logits_bias` needs `cfg.output_bias`)."""
     check_exportable(cfg)
     inv = torch.argsort(marian_permutation(cfg.d_model))  # ours -> Marian's index
     bias = hf.get("final_logits_bias")
-    if bias is not None and bias.abs().max() > 0:
-        raise AdapterError("final_logits_bias is not zero; the model has no output bias")
     out = {}
+    if cfg.output_bias:
+        out["output.bias"] = bias.reshape(-1) if bias is not None else torch.zeros(cfg.vocab_size)
+    elif bias is not None and bias.abs().max() > 0:
+        raise AdapterError("final_logits_bias is not zero; the model has no output bias (model.output_bias)")
     for ours, name, side in _key_map(cfg):
         w, b = hf[name + ".weight"], hf[name + ".bias"]
         if side == "in":
@@ -177,10 +181,15 @@ def _generation_config(cfg: TranslationModelConfig, ids: SpecialIds, decode: Dec
 
 
 def _export_tokenizer(tokenizer, folder: Path) -> None:
-    """Save `tokenizer` so that `AutoTokenizer` on the folder encodes a source as our data does: text, then EOS."""
+    """Save `tokenizer` so that `AutoTokenizer` on the folder encodes a source as our data does: text, then EOS.
+    A Marian tokenizer (an imported OPUS-MT model's) is saved as it is: MarianTokenizer appends EOS itself."""
     from tokenizers import Tokenizer, processors
 
     from llm.data.tokenizer import LoadedTokenizer
+
+    if not isinstance(tokenizer, LoadedTokenizer):
+        tokenizer.save(folder)
+        return
 
     tok = Tokenizer.from_str(tokenizer.to_json())
     eos = tokenizer.special_tokens["eos"]
@@ -231,7 +240,7 @@ def verify(ours: EncoderDecoder, folder: Path, tokenizer, sources: Sequence[str]
         theirs = theirs[:theirs.index(ids.eos)] if ids.eos in theirs else theirs
         same = mine == theirs
         report["sentences"].append({"source": text, "max_abs_logit_diff": d, "greedy_equal": same,
-                                    "ours": tokenizer.tokenizer.decode(mine, skip_special_tokens=True),
+                                    "ours": tokenizer.decode([mine])[0],
                                     "transformers": hf_tok.decode(theirs, skip_special_tokens=True)})
         report["ok"] &= same
     return report
@@ -240,7 +249,8 @@ def verify(ours: EncoderDecoder, folder: Path, tokenizer, sources: Sequence[str]
 def export_marian(model: EncoderDecoder, tokenizer, out_dir: str | Path, *, sources: Sequence[str] | None = None,
                   decode: DecodeConfig | None = None, dtype: str = "fp32", check: bool = True,
                   overwrite: bool = False) -> dict | None:
-    """Write `model` and `tokenizer` (a LoadedTokenizer) as a verified MarianMTModel folder; return the report.
+    """Write `model` and `tokenizer` (a LoadedTokenizer or MarianSentencePiece) as a verified MarianMTModel folder;
+    return the report.
 
     `sources` are the sentences the verification translates (default: a few generic ones; give some of the
     validation data for a real check). `decode` sets the generation config's defaults (beam size, length penalty).
@@ -296,6 +306,6 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, dtype: str
     model, tokenizer, cfg = load_translation_model(checkpoint)
     val = ParallelSplit(cfg.data.path, "val")
     n = min(n_sources, val.num_pairs)
-    sources = tokenizer.tokenizer.decode_batch([val.pair(k)[0][:-1].tolist() for k in range(n)])
+    sources = tokenizer.decode([val.pair(k)[0][:-1].tolist() for k in range(n)], "src")
     return export_marian(model, tokenizer, out_dir, sources=sources or None, decode=cfg.decode, dtype=dtype,
                          check=check, overwrite=overwrite)

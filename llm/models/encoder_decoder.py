@@ -93,7 +93,8 @@ class EncoderDecoder(nn.Module):
             pre = cfg.norm == "pre"  # post-norm layers end in a norm already; pre-norm stacks need a last one
             self.encoder_norm = norm_layer(cfg) if pre else None
             self.decoder_norm = norm_layer(cfg) if pre else None
-            self.output = OutputHead(cfg.d_model, cfg.vocab_size)  # an nn.Linear that can also return the loss
+            # an nn.Linear that can also return the loss
+            self.output = OutputHead(cfg.d_model, cfg.vocab_size, cfg.output_bias)
         if cfg.share_embeddings:
             self.tgt_embeddings.weight = self.src_embeddings.weight
             self.output.weight = self.src_embeddings.weight

@@ -67,7 +67,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.w1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
         self.w2 = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
-        self.act = F.relu if cfg.activation == "relu" else F.gelu
+        self.act = {"relu": F.relu, "gelu": F.gelu, "swish": F.silu}[cfg.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(self.act(self.w1(x)))

@@ -42,30 +42,33 @@ def chunk_tokens(vocab_size: int, budget: int = CHUNK_BYTES["cpu"]) -> int:
     return max(1, n - n % 64 if n >= 64 else n)
 
 
-def _chunked(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int, eps: float,
-             reduction: Reduction, chunk: int, grad_h: bool, grad_w: bool):
-    """h (N, d), weight (V, d), labels (N,) -> loss (fp32 scalar), d loss / d h (N, d) in h's dtype or None,
-    d loss / d weight (V, d) in fp32 or None."""
+def _chunked(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+             ignore_index: int, eps: float, reduction: Reduction, chunk: int, grad_h: bool, grad_w: bool,
+             grad_b: bool = False):
+    """h (N, d), weight (V, d), bias (V,) or None, labels (N,) -> loss (fp32 scalar), d loss / d h (N, d) in h's
+    dtype or None, d loss / d weight (V, d) in fp32 or None, d loss / d bias (V,) in fp32 or None."""
     valid = labels != ignore_index  # (N,)
     # Each token's weight in the reduction; a tensor, so that "mean" needs no device-to-host sync.
     scale = 1.0 / valid.sum().clamp(min=1).float() if reduction == "mean" else torch.ones((), device=h.device)
     loss = torch.zeros((), dtype=torch.float32, device=h.device)
     dh = torch.empty(h.shape, dtype=h.dtype, device=h.device) if grad_h else None  # contiguous: mm writes rows
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_w else None
+    db = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if grad_b else None
     for start in range(0, len(h), chunk):
         rows = slice(start, start + chunk)
         w = valid[rows].float() * scale  # (n,) weights in the reduction, 0 where ignored
-        loss += _chunk(h[rows], weight, labels[rows].masked_fill(~valid[rows], 0), w, eps,
-                       None if dh is None else dh[rows], dw)
-    return loss, dh, dw
+        loss += _chunk(h[rows], weight, bias, labels[rows].masked_fill(~valid[rows], 0), w, eps,
+                       None if dh is None else dh[rows], dw, db)
+    return loss, dh, dw, db
 
 
-def _chunk(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, w: torch.Tensor, eps: float,
-           dh: torch.Tensor | None, dw: torch.Tensor | None) -> torch.Tensor:
+def _chunk(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, w: torch.Tensor,
+           eps: float, dh: torch.Tensor | None, dw: torch.Tensor | None, db: torch.Tensor | None) -> torch.Tensor:
     """One chunk (n tokens): return its weighted loss, write d loss / d h into `dh` (n, d), add d loss / d weight
-    to `dw` (V, d). A function of its own so that its (n, V) buffer is freed before the next chunk's is made."""
+    to `dw` (V, d) and d loss / d bias to `db` (V,). A function of its own so that its (n, V) buffer is freed before
+    the next chunk's is made."""
     V = weight.shape[0]
-    z = F.linear(h, weight).float()  # (n, V) fp32 logits: the one large buffer, updated in place below
+    z = F.linear(h, weight, bias).float()  # (n, V) fp32 logits: the one large buffer, updated in place below
     target_logit = z.gather(1, labels[:, None]).squeeze(1)  # (n,)
     mean_logit = z.mean(dim=1) if eps else None  # (n,)
     peak = z.amax(dim=1)  # (n,)
@@ -75,7 +78,7 @@ def _chunk(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, w: torch
     row = lse - target_logit  # (n,) -log p(label)
     if eps:
         row = (1.0 - eps) * row + eps * (lse - mean_logit)  # -mean_j log p_j = lse - mean_j z_j
-    if dh is None and dw is None:
+    if dh is None and dw is None and db is None:
         return (row * w).sum()
     # d (row * w) / d z = w * (softmax - (1 - eps) * onehot(label) - eps / V); normalised and weighted in one pass.
     g = p.mul_((w / total)[:, None])  # (n, V) becomes d loss / d logits
@@ -90,6 +93,8 @@ def _chunk(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, w: torch
             dw.addmm_(g.t(), h)  # (V, d), accumulated in place
         else:  # the sum over chunks in fp32
             dw.add_(torch.mm(g_w.t(), h))
+    if db is not None:
+        db.add_(g.sum(dim=0))
     return (row * w).sum()
 
 
@@ -98,10 +103,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     weight is saved: the backward does not need it."""
 
     @staticmethod
-    def forward(ctx, h, weight, labels, ignore_index, eps, reduction, chunk):
-        loss, dh, dw = _chunked(h, weight, labels, ignore_index, eps, reduction, chunk,
-                                ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        ctx.save_for_backward(dh, dw)
+    def forward(ctx, h, weight, bias, labels, ignore_index, eps, reduction, chunk):
+        loss, dh, dw, db = _chunked(h, weight, bias, labels, ignore_index, eps, reduction, chunk,
+                                    *ctx.needs_input_grad[:3])
+        ctx.save_for_backward(dh, dw, db)
         ctx.weight_dtype = weight.dtype
         return loss
 
@@ -109,20 +114,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         # In place: the buffers are this graph's own. (A second backward through a retained graph finds them
         # modified and fails loudly rather than returning scaled-twice gradients.)
-        dh, dw = ctx.saved_tensors
+        dh, dw, db = ctx.saved_tensors
         if dh is not None:
             dh = dh.mul_(grad_loss.to(dh.dtype))
         if dw is not None:
             dw = dw.mul_(grad_loss).to(ctx.weight_dtype)
-        return dh, dw, None, None, None, None, None
+        if db is not None:
+            db = db.mul_(grad_loss).to(ctx.weight_dtype)
+        return dh, dw, db, None, None, None, None, None
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
                          label_smoothing: float = 0.0, reduction: Reduction = "mean", chunk_size: int | None = None,
-                         impl: Literal["auto", "torch", "liger"] = "auto") -> torch.Tensor:
-    """Cross-entropy of the logits `h @ weight.T` against `labels`, without materialising them whole.
+                         impl: Literal["auto", "torch", "liger"] = "auto", bias: torch.Tensor | None = None
+                         ) -> torch.Tensor:
+    """Cross-entropy of the logits `h @ weight.T (+ bias)` against `labels`, without materialising them whole.
 
-    h (..., d), weight (V, d), labels (...) -> fp32 scalar. Equals F.cross_entropy(F.linear(h, weight).float(),
+    h (..., d), weight (V, d), labels (...) -> fp32 scalar. Equals F.cross_entropy(F.linear(h, weight, bias).float(),
     labels, ignore_index=..., label_smoothing=..., reduction=...), its gradients included, except that a "mean"
     over no tokens is 0, not NaN. `chunk_size` tokens at a time (default: by `CHUNK_BYTES`). `impl="auto"` takes
     Liger-Kernel on CUDA where it is installed, this module's chunked PyTorch otherwise.
@@ -131,11 +139,12 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Te
         raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
     h2, labels = h.reshape(-1, h.shape[-1]), labels.reshape(-1)  # (N, d), (N,)
     if impl == "liger" or (impl == "auto" and h.is_cuda and _liger_installed()):
-        return _liger(h2, weight, labels, ignore_index, label_smoothing, reduction)
+        return _liger(h2, weight, bias, labels, ignore_index, label_smoothing, reduction)
     chunk = chunk_size or chunk_tokens(weight.shape[0], CHUNK_BYTES["cpu" if h.device.type == "cpu" else "gpu"])
-    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(h2, weight, labels, ignore_index, label_smoothing, reduction, chunk)
-    return _chunked(h2, weight, labels, ignore_index, label_smoothing, reduction, chunk, False, False)[0]
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad or (bias is not None and
+                                                                               bias.requires_grad)):
+        return _LinearCrossEntropy.apply(h2, weight, bias, labels, ignore_index, label_smoothing, reduction, chunk)
+    return _chunked(h2, weight, bias, labels, ignore_index, label_smoothing, reduction, chunk, False, False)[0]
 
 
 def _liger_installed() -> bool:
@@ -144,26 +153,28 @@ def _liger_installed() -> bool:
     return find_spec("liger_kernel") is not None
 
 
-def _liger(h, weight, labels, ignore_index, label_smoothing, reduction) -> torch.Tensor:
+def _liger(h, weight, bias, labels, ignore_index, label_smoothing, reduction) -> torch.Tensor:
     # The module form: its constructor's keywords and forward(weight, input, target) -> loss have been the same
     # since Liger added label smoothing; the functional form's return type has changed across releases.
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
     loss_fn = LigerFusedLinearCrossEntropyLoss(ignore_index=ignore_index, label_smoothing=label_smoothing,
                                                reduction=reduction)
-    return loss_fn(weight, h.contiguous(), labels.contiguous()).float()
+    return loss_fn(weight, h.contiguous(), labels.contiguous(), bias).float()
 
 
 class OutputHead(nn.Linear):
-    """The output projection (d_model -> vocab, no bias). forward(x) -> logits (..., V); forward(x, labels, ...)
-    -> the loss of `linear_cross_entropy`, computed here so that ZeRO-3 has the weight gathered (module docstring).
+    """The output projection (d_model -> vocab, a bias only where a model has one: Marian's). forward(x) -> logits
+    (..., V); forward(x, labels, ...) -> the loss of `linear_cross_entropy`, computed here so that ZeRO-3 has the
+    weight gathered (module docstring).
     """
 
-    def __init__(self, d_model: int, vocab_size: int):
-        super().__init__(d_model, vocab_size, bias=False)
+    def __init__(self, d_model: int, vocab_size: int, bias: bool = False):
+        super().__init__(d_model, vocab_size, bias=bias)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, ignore_index: int = -100,
                 label_smoothing: float = 0.0, reduction: Reduction = "mean") -> torch.Tensor:
         if labels is None:
             return super().forward(x)
-        return linear_cross_entropy(x, self.weight, labels, ignore_index, label_smoothing, reduction)
+        return linear_cross_entropy(x, self.weight, labels, ignore_index, label_smoothing, reduction,
+                                    bias=self.bias)

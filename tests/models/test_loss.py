@@ -57,6 +57,23 @@ def test_loss_and_gradients_equal_the_unfused_head(device, eps, reduction, chunk
     assert_close(got, ref)
 
 
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_a_bias_on_the_logits_gets_the_unfused_heads_gradient(eps, reduction):
+    """Marian's final_logits_bias: logits h @ W.T + b, the bias's gradient summed over tokens and chunks."""
+    h, w, y = inputs()
+    b = (torch.randn(w.shape[0], generator=torch.Generator().manual_seed(1)) * 0.3).requires_grad_()
+    grads = []
+    for fn in (lambda: F.cross_entropy(F.linear(h, w, b).float().flatten(0, 1), y.flatten(), ignore_index=IGNORE,
+                                       label_smoothing=eps, reduction=reduction),
+               lambda: linear_cross_entropy(h, w, y, IGNORE, eps, reduction, 7, impl="torch", bias=b)):
+        h.grad = w.grad = b.grad = None
+        loss = fn()
+        (loss * 0.7).backward()
+        grads.append((loss.detach(), h.grad.clone(), w.grad.clone(), b.grad.clone()))
+    assert_close(grads[1], grads[0])
+
+
 def test_bf16_weights_give_bf16_gradients_close_to_the_unfused_head():
     h, w, y = (t.detach().to(torch.bfloat16).requires_grad_() if t.is_floating_point() else t for t in inputs())
     ref = loss_and_grads(unfused, h, w, y, 0.1, "mean")
