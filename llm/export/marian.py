@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -207,7 +208,9 @@ def verify(ours: EncoderDecoder, folder: Path, tokenizer, sources: Sequence[str]
     decode = decode or DecodeConfig()
     hf = AutoModelForSeq2SeqLM.from_pretrained(folder, use_safetensors=True, trust_remote_code=False,
                                                dtype=torch.float32, attn_implementation="eager").eval()
-    hf_tok = AutoTokenizer.from_pretrained(str(folder))
+    with warnings.catch_warnings():  # MarianTokenizer's "Recommended: pip install sacremoses" (unused here)
+        warnings.simplefilter("ignore")
+        hf_tok = AutoTokenizer.from_pretrained(str(folder))
     ours = ours.float().eval()
     ids = SpecialIds.from_tokenizer(tokenizer)
     report = {"logits_tol": LOGITS_TOL, "sentences": [], "ok": True}

@@ -43,7 +43,7 @@ def test_imported_model_gives_marians_logits_and_translations(folder):
     ids = SpecialIds.from_tokenizer(tok)
     assert (ids.bos, ids.eos, ids.pad) == (hf.config.decoder_start_token_id, 0, hf.config.pad_token_id)
     assert cfg.model.activation == "swish" and cfg.model.output_bias and cfg.decode.beam_size == 4
-    assert tok.encode(SOURCES, "src") == [hf_tok_ids for hf_tok_ids in _hf_tokens(folder, SOURCES)]
+    assert tok.encode(SOURCES, "src") == _hf_tokens(folder, SOURCES)
 
     encoded = encode_sources(tok, SOURCES, cfg.model.max_seq_len)
     src, src_pad = pad_batch(encoded, ids.pad)
